@@ -1,0 +1,304 @@
+"""Typed, validated settings: YAML defaults + profile + user file + environment + CLI overrides.
+
+Precedence, lowest first: ``conf/defaults.yaml``, ``conf/profiles/<profile>.yaml``, ``--config FILE``,
+environment variables ``STREAMSCORE_<SECTION>__<KEY>`` (``__`` separates nesting levels),
+``--set section.key=value``. An unknown key or an invalid value raises :class:`ConfigError` naming
+the key. Secrets are ``SecretStr`` and print as ``**********``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONF_DIR = Path(__file__).resolve().parent
+ENV_PREFIX = "STREAMSCORE_"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the offending key(s)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AppSettings(_Section):
+    home: Path = Path(".streamscore")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    run_name: Optional[str] = None
+
+
+class SparkSettings(_Section):
+    master: Optional[str] = "local[*]"
+    app_name: str = "streamscore"
+    shuffle_partitions: int = Field(2, ge=1)
+    conf: dict[str, str] = {}
+    use_local_jars: bool = True
+
+
+class KafkaSource(_Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = "streamscore-events"
+    starting_offsets: str = "earliest"
+    max_offsets_per_trigger: Optional[int] = Field(50000, ge=1)
+    fail_on_data_loss: bool = True
+    options: dict[str, str] = {}
+    sasl_username: Optional[str] = None
+    sasl_password: Optional[SecretStr] = None
+
+
+class DeltaSource(_Section):
+    path: Optional[str] = None
+    max_files_per_trigger: Optional[int] = Field(None, ge=1)
+
+
+class SourceSettings(_Section):
+    kind: Literal["kafka", "delta"] = "kafka"
+    event_id_field: str = "event_id"
+    event_time_field: str = "event_time"
+    kafka: KafkaSource = KafkaSource()
+    delta: DeltaSource = DeltaSource()
+
+    @model_validator(mode="after")
+    def _delta_needs_path(self) -> "SourceSettings":
+        if self.kind == "delta" and not self.delta.path:
+            raise ValueError("source.delta.path is required when source.kind is 'delta'")
+        return self
+
+
+class SinkSettings(_Section):
+    output_path: str = "tables/scored"
+    dead_letter_path: str = "tables/dead_letter"
+    checkpoint_path: str = "checkpoints/stream"
+    app_id: Optional[str] = None
+
+
+class TriggerSettings(_Section):
+    processing_time: Optional[str] = "5 seconds"
+    available_now: bool = False
+    max_batches: Optional[int] = Field(None, ge=1)
+    idle_timeout_s: Optional[float] = Field(None, gt=0)
+
+    @field_validator("processing_time")
+    @classmethod
+    def _interval(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        parts = v.split()
+        units = {"second", "seconds", "minute", "minutes", "millisecond", "milliseconds", "hour", "hours"}
+        if len(parts) != 2 or not parts[0].replace(".", "", 1).isdigit() or parts[1] not in units:
+            raise ValueError(f"expected an interval like '5 seconds', got {v!r}")
+        return v
+
+
+class ModelSettings(_Section):
+    name: str = "streamscore-iris"
+    ref: str = "@champion"
+
+
+class AzureTarget(_Section):
+    subscription_id: Optional[str] = None
+    resource_group: Optional[str] = None
+    workspace: Optional[str] = None
+    region: Optional[str] = None
+
+    def is_set(self) -> bool:
+        return any([self.subscription_id, self.resource_group, self.workspace, self.region])
+
+    def uri(self) -> str:
+        missing = [k for k in ("subscription_id", "resource_group", "workspace", "region") if not getattr(self, k)]
+        if missing:
+            raise ConfigError(
+                "tracking.azure is incomplete: missing " + ", ".join(f"tracking.azure.{k}" for k in missing)
+            )
+        return (
+            f"azureml://{self.region}.api.azureml.ms/mlflow/v2.0/subscriptions/{self.subscription_id}"
+            f"/resourceGroups/{self.resource_group}/providers/Microsoft.MachineLearningServices"
+            f"/workspaces/{self.workspace}"
+        )
+
+
+class TrackingSettings(_Section):
+    uri: Optional[str] = "http://127.0.0.1:5055"
+    registry_uri: Optional[str] = None
+    experiment: str = "streamscore"
+    token: Optional[SecretStr] = None
+    request_timeout_s: float = Field(10, gt=0)
+    request_max_retries: int = Field(1, ge=0)
+    buffer_max_entries: int = Field(10000, ge=1)
+    azure: AzureTarget = AzureTarget()
+
+    def effective_uri(self) -> str:
+        if self.uri:
+            return self.uri
+        if self.azure.is_set():
+            return self.azure.uri()
+        raise ConfigError("tracking.uri is not set (set it, or fill in tracking.azure.*)")
+
+    def effective_registry_uri(self) -> str:
+        return self.registry_uri or self.effective_uri()
+
+
+class WatchSettings(_Section):
+    enabled: bool = True
+    poll_interval_s: float = Field(5, gt=0)
+    background_thread: bool = True
+    required_tag: Optional[str] = None
+    retry_refused_after_s: float = Field(600, ge=0)
+    sample_rows: int = Field(20, ge=1)
+
+    @field_validator("required_tag")
+    @classmethod
+    def _tag(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and "=" not in v:
+            raise ValueError(f"expected 'key=value', got {v!r}")
+        return v
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        extra="forbid", frozen=True, env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False
+    )
+
+    profile: str = "local"
+    app: AppSettings = AppSettings()
+    spark: SparkSettings = SparkSettings()
+    source: SourceSettings = SourceSettings()
+    sink: SinkSettings = SinkSettings()
+    trigger: TriggerSettings = TriggerSettings()
+    model: ModelSettings = ModelSettings()
+    tracking: TrackingSettings = TrackingSettings()
+    watch: WatchSettings = WatchSettings()
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        # init kwargs carry the YAML layers; the environment overrides them. CLI --set is applied
+        # into the YAML layers' top (see load_settings) but must still beat the environment, so it
+        # comes in through _CliSource.
+        return (_CliSource(settings_cls), env_settings, init_settings)
+
+    # -- derived values -------------------------------------------------------------------------
+    @property
+    def home(self) -> Path:
+        return self.app.home.expanduser().resolve()
+
+    def path(self, value: str) -> str:
+        """A sink/checkpoint location: URIs stay as they are, relative paths go under app.home."""
+        if "://" in value or value.startswith("dbfs:") or os.path.isabs(value):
+            return value
+        return str(self.home / value)
+
+    @property
+    def output_path(self) -> str:
+        return self.path(self.sink.output_path)
+
+    @property
+    def dead_letter_path(self) -> str:
+        return self.path(self.sink.dead_letter_path)
+
+    @property
+    def checkpoint_path(self) -> str:
+        return self.path(self.sink.checkpoint_path)
+
+    @property
+    def app_id(self) -> str:
+        if self.sink.app_id:
+            return self.sink.app_id
+        digest = hashlib.sha1(self.checkpoint_path.encode()).hexdigest()[:12]
+        return f"streamscore-{digest}"
+
+    def masked(self) -> dict[str, Any]:
+        """JSON-able dump with secrets masked (safe to print and to log as MLflow params)."""
+        return self.model_dump(mode="json")
+
+
+_CLI_OVERRIDES: dict[str, Any] = {}
+
+
+class _CliSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field, field_name):  # pragma: no cover - not used, __call__ is
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_CLI_OVERRIDES)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in (top or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["source.kafka.topic=x", "trigger.max_batches=3"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return out
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_settings(
+    profile: Optional[str] = None,
+    config_file: Optional[str | Path] = None,
+    overrides: Optional[list[str] | dict] = None,
+) -> Settings:
+    profile = profile or os.environ.get(ENV_PREFIX + "PROFILE") or "local"
+    layers = _read_yaml(CONF_DIR / "defaults.yaml")
+    profile_file = CONF_DIR / "profiles" / f"{profile}.yaml"
+    if not profile_file.exists():
+        known = sorted(p.stem for p in (CONF_DIR / "profiles").glob("*.yaml"))
+        raise ConfigError(f"profile: unknown profile {profile!r} (known: {', '.join(known)})")
+    layers = _deep_merge(layers, _read_yaml(profile_file))
+    if config_file:
+        layers = _deep_merge(layers, _read_yaml(Path(config_file)))
+    layers["profile"] = profile
+    if "STREAMSCORE_HOME" in os.environ:
+        layers = _deep_merge(layers, {"app": {"home": os.environ["STREAMSCORE_HOME"]}})
+    cli = overrides if isinstance(overrides, dict) else parse_overrides(overrides or [])
+    _CLI_OVERRIDES.clear()
+    _CLI_OVERRIDES.update(cli)
+    try:
+        return Settings(**layers)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+    finally:
+        _CLI_OVERRIDES.clear()

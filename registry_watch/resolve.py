@@ -1,0 +1,111 @@
+"""Model references and their resolution to a concrete, downloaded version.
+
+A reference is one of: ``@alias`` (``@champion``), ``stage:<Stage>`` (legacy stages such as
+``stage:Production``), ``latest`` (highest version number), or a pinned version number (``3``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from scoring.udf import ModelHandle
+
+log = logging.getLogger(__name__)
+
+
+class ResolveError(LookupError):
+    """The reference does not resolve to a model version."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    kind: str  # alias | stage | latest | version
+    value: str
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelRef":
+        t = str(text).strip()
+        if t.startswith("@") and len(t) > 1:
+            return cls("alias", t[1:])
+        if t.lower().startswith("stage:") and len(t) > 6:
+            return cls("stage", t[6:])
+        if t.lower() == "latest":
+            return cls("latest", "")
+        if t.isdigit():
+            return cls("version", t)
+        raise ValueError(
+            f"model.ref: {text!r} is not a model reference (use @alias, stage:<Stage>, latest or a version number)"
+        )
+
+    def __str__(self) -> str:
+        return {"alias": f"@{self.value}", "stage": f"stage:{self.value}", "latest": "latest"}.get(self.kind, self.value)
+
+
+def resolve_version(client, name: str, ref: ModelRef):
+    """The ``ModelVersion`` that ``ref`` points at now."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if ref.kind == "alias":
+            return client.get_model_version_by_alias(name, ref.value)
+        if ref.kind == "version":
+            return client.get_model_version(name, ref.value)
+        if ref.kind == "stage":
+            found = client.get_latest_versions(name, stages=[ref.value])
+            if not found:
+                raise ResolveError(f"model {name!r} has no version in stage {ref.value!r}")
+            return found[0]
+        versions = client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            raise ResolveError(f"model {name!r} has no versions")
+        return max(versions, key=lambda v: int(v.version))
+    except MlflowException as e:
+        raise ResolveError(f"cannot resolve model {name!r} reference {ref}: {e.message}") from None
+
+
+def materialize(client, mv, models_dir: Path, spark=None) -> ModelHandle:
+    """Download version ``mv`` once under ``models_dir`` and ship it to executors (``addFile``)."""
+    import mlflow.artifacts
+
+    ship_name = f"streamscore-model-{_safe(mv.name)}-v{mv.version}"
+    dest = models_dir / ship_name
+    if not (dest / "MLmodel").exists():
+        tmp = models_dir / (ship_name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        uri = f"models:/{mv.name}/{mv.version}"
+        log.info("downloading %s", uri)
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(tmp), tracking_uri=client._tracking_client.tracking_uri
+            )
+        )
+        if not (local / "MLmodel").exists():
+            candidates = list(local.rglob("MLmodel"))
+            if not candidates:
+                raise ResolveError(f"model {mv.name!r} version {mv.version}: no MLmodel file in its artifacts")
+            local = candidates[0].parent
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.move(str(local), str(dest))
+        shutil.rmtree(tmp, ignore_errors=True)
+    handle = ModelHandle(mv.name, str(mv.version), mv.run_id or "", str(dest), ship_name)
+    if spark is not None and not spark.sparkContext.master.startswith("local["):
+        _ship(spark, dest)
+    return handle
+
+
+_shipped: set[str] = set()
+
+
+def _ship(spark, folder: Path) -> None:
+    if str(folder) in _shipped:
+        return
+    spark.sparkContext.addFile(str(folder), recursive=True)
+    _shipped.add(str(folder))
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)

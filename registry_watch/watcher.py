@@ -1,0 +1,274 @@
+"""Watch the registry and hot-swap the serving model version between micro-batches.
+
+The watcher is driven from ``foreachBatch`` itself (:meth:`RegistryWatcher.poll` after each batch,
+rate limited), so it works where ``foreachBatch`` runs in a process of its own; an optional driver
+thread (:meth:`start_background`) polls while the stream is idle, and webhooks can ask for an
+immediate poll (:meth:`request_poll`). A candidate that passes the gate is *prepared* (downloaded,
+loaded, workers warmed) and becomes the serving version at the start of the next batch, so each
+batch is scored by exactly one version.
+
+Replays: the version used for each batch id is written to a ledger before the batch is scored. A
+batch replayed after a crash is scored by the version recorded for it, whatever the alias says now.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from registry_watch.gate import GateResult, Refused, ValidationGate
+from registry_watch.resolve import ModelRef, ResolveError, materialize, resolve_version
+from scoring.spec import InputSpec
+from scoring.udf import ModelHandle
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SwapEvent:
+    from_version: str
+    to_version: str
+    detected_at: float
+    prepared_at: float
+    swapped_at: Optional[float] = None
+    first_batch_id: Optional[int] = None
+    alias_set_at: Optional[float] = None
+    first_scored_at: Optional[float] = None
+    swap_latency_s: Optional[float] = None
+    gate_seconds: Optional[float] = None
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class Refusal:
+    version: str
+    reason: str
+    at: float
+
+
+@dataclass
+class _Pending:
+    result: GateResult
+    event: SwapEvent
+
+
+class BatchLedger:
+    """Append-only record of ``batch_id -> version`` (JSON lines)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._entries: dict[int, dict] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    self._entries[int(rec["batch_id"])] = rec
+
+    def get(self, batch_id: int) -> Optional[dict]:
+        return self._entries.get(batch_id)
+
+    def record(self, batch_id: int, name: str, version: str, run_id: str) -> None:
+        rec = {"batch_id": batch_id, "name": name, "version": version, "run_id": run_id, "at": time.time()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._entries[batch_id] = rec
+
+
+class RegistryWatcher:
+    def __init__(
+        self,
+        client,
+        model_name: str,
+        ref: ModelRef,
+        gate: ValidationGate,
+        ledger: BatchLedger,
+        poll_interval_s: float = 5.0,
+        retry_refused_after_s: float = 600.0,
+        on_swap: Optional[Callable[[SwapEvent], None]] = None,
+        on_refusal: Optional[Callable[[Refusal], None]] = None,
+    ):
+        self.client = client
+        self.model_name = model_name
+        self.ref = ref
+        self.gate = gate
+        self.ledger = ledger
+        self.poll_interval_s = poll_interval_s
+        self.retry_refused_after_s = retry_refused_after_s
+        self.on_swap = on_swap
+        self.on_refusal = on_refusal
+        self.current: Optional[ModelHandle] = None
+        self.spec: Optional[InputSpec] = None
+        self.swaps: list[SwapEvent] = []
+        self.refusals: list[Refusal] = []
+        self._refused_at: dict[str, float] = {}
+        self._pending: Optional[_Pending] = None
+        self._unscored_swap: Optional[SwapEvent] = None
+        self._last_poll = 0.0
+        self._poll_now = threading.Event()
+        self._lock = threading.RLock()
+        self._poll_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # -- start -------------------------------------------------------------------------------
+    def start(self) -> ModelHandle:
+        """Resolve and validate the initial version (it defines the stream's schema)."""
+        mv = resolve_version(self.client, self.model_name, self.ref)
+        try:
+            result = self.gate.check(mv, None)
+        except Refused as e:
+            raise RuntimeError(f"model {self.model_name!r} {self.ref} -> {e}") from None
+        self.current, self.spec = result.handle, result.spec
+        self._last_poll = time.time()
+        log.info("serving %s (%s)", self.current.label, self.ref)
+        return self.current
+
+    # -- polling -----------------------------------------------------------------------------
+    def request_poll(self) -> None:
+        """Ask for a poll as soon as possible (e.g. from a webhook)."""
+        self._poll_now.set()
+
+    def poll(self, force: bool = False, alias_set_at: Optional[float] = None) -> Optional[str]:
+        """Check the registry; prepare a new version if the reference moved. Returns what happened.
+
+        The gate runs outside the state lock, so a batch starting meanwhile is not held up by it."""
+        if not self._poll_lock.acquire(blocking=False):
+            return "busy"
+        try:
+            now = time.time()
+            if not force and not self._poll_now.is_set() and now - self._last_poll < self.poll_interval_s:
+                return None
+            self._poll_now.clear()
+            self._last_poll = now
+            try:
+                mv = resolve_version(self.client, self.model_name, self.ref)
+            except ResolveError as e:
+                log.warning("registry poll failed, keeping %s: %s", self.current.label, e)
+                return "resolve-failed"
+            except Exception as e:  # noqa: BLE001 - a flaky registry must not stop scoring
+                log.warning("registry unreachable, keeping %s: %s", self.current.label, e)
+                return "registry-unreachable"
+            version = str(mv.version)
+            with self._lock:
+                target = self._pending.result.handle.version if self._pending else self.current.version
+                if version == target:
+                    return "unchanged"
+                if version == self.current.version:  # the reference moved back before the swap happened
+                    self._pending = None
+                    return "pending-cancelled"
+                serving = self.current.version
+            refused_at = self._refused_at.get(version)
+            if refused_at is not None and now - refused_at < self.retry_refused_after_s:
+                return "refused-recently"
+            log.info("registry: %s %s now points at version %s (serving %s); validating",
+                     self.model_name, self.ref, version, serving)
+            try:
+                result = self.gate.check(mv, self.spec)
+            except Refused as e:
+                self._refused_at[version] = time.time()
+                refusal = Refusal(version, e.reason, time.time())
+                self.refusals.append(refusal)
+                log.warning("candidate %s", e)
+                if self.on_refusal:
+                    self.on_refusal(refusal)
+                return "refused"
+            self._refused_at.pop(version, None)
+            with self._lock:
+                event = SwapEvent(
+                    from_version=self.current.version, to_version=version, detected_at=now,
+                    prepared_at=time.time(), alias_set_at=alias_set_at or self._alias_set_at(),
+                    gate_seconds=result.seconds,
+                )
+                self._pending = _Pending(result, event)
+            log.info("version %s passed the gate in %.1fs; it serves from the next batch", version, result.seconds)
+            return "prepared"
+        finally:
+            self._poll_lock.release()
+
+    def _alias_set_at(self) -> Optional[float]:
+        """When the alias was moved, if the promoter recorded it (``streamscore promote`` does)."""
+        if self.ref.kind != "alias":
+            return None
+        try:
+            rm = self.client.get_registered_model(self.model_name)
+            raw = (rm.tags or {}).get(f"streamscore.alias_set_at.{self.ref.value}")
+            return float(raw) if raw else None
+        except Exception:  # noqa: BLE001 - purely informational
+            return None
+
+    @property
+    def swap_pending(self) -> bool:
+        return self._pending is not None
+
+    # -- per batch ---------------------------------------------------------------------------
+    def model_for_batch(self, batch_id: int) -> ModelHandle:
+        """The one version that scores ``batch_id`` (the ledger's, for a replayed batch)."""
+        with self._lock:
+            seen = self.ledger.get(batch_id)
+            if seen is not None:
+                if self.current and seen["version"] == self.current.version:
+                    return self.current
+                log.info("batch %d is a replay: scoring it with version %s as before", batch_id, seen["version"])
+                return self._handle_for(seen)
+            if self._pending is not None:
+                pending, self._pending = self._pending, None
+                event = pending.event
+                event.swapped_at = time.time()
+                event.first_batch_id = batch_id
+                self.current = pending.result.handle
+                self.swaps.append(event)
+                self._unscored_swap = event
+                log.info("swapped %s -> %s at batch %d", event.from_version, event.to_version, batch_id)
+            self.ledger.record(batch_id, self.current.name, self.current.version, self.current.run_id)
+            return self.current
+
+    def batch_scored(self, batch_id: int, rows_scored: int) -> None:
+        """Called after a batch is written: closes the swap latency of the first batch after a swap."""
+        with self._lock:
+            ev = self._unscored_swap
+            if ev is None or rows_scored == 0:
+                return
+            self._unscored_swap = None
+            ev.first_scored_at = time.time()
+            start = ev.alias_set_at or ev.detected_at
+            ev.swap_latency_s = ev.first_scored_at - start
+        if self.on_swap:
+            self.on_swap(ev)
+
+    def _handle_for(self, rec: dict) -> ModelHandle:
+        mv = self.client.get_model_version(rec["name"], rec["version"])
+        return materialize(self.client, mv, self.gate.models_dir, self.gate.spark)
+
+    # -- background polling --------------------------------------------------------------------
+    def start_background(self) -> None:
+        if self._thread is not None:
+            return
+
+        def loop():
+            while not self._stop.is_set():
+                try:
+                    self.poll()
+                except Exception:  # noqa: BLE001
+                    log.exception("background registry poll failed")
+                self._poll_now.wait(timeout=min(1.0, self.poll_interval_s))
+
+        self._thread = threading.Thread(target=loop, name="streamscore-registry-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._poll_now.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None

@@ -1,0 +1,183 @@
+"""Parse, validate and score one chunk of raw JSON events (pure pandas; runs inside the Spark UDF).
+
+Every input row yields exactly one output row: either ``ok=True`` with the typed features and the
+prediction, or ``ok=False`` with a ``reason`` that names the field and the problem. Nothing is
+dropped, so rows in = rows scored + rows dead-lettered holds per chunk and therefore per batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import orjson
+import pandas as pd
+
+from scoring.spec import InputSpec
+
+_NUMPY = {"double": "float64", "float": "float32", "long": "int64", "integer": "int32", "boolean": "bool"}
+_INT_RANGE = {"long": (-(2**63), 2**63 - 1), "integer": (-(2**31), 2**31 - 1)}
+
+
+def _check(value, kind: str):
+    """Return (converted value, None) or (None, problem)."""
+    if kind in ("double", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None, f"expected a number, got {type(value).__name__}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return None, "expected a finite number"
+        return float(value), None
+    if kind in ("long", "integer"):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            return None, f"expected an integer, got {type(value).__name__}"
+        lo, hi = _INT_RANGE[kind]
+        if not lo <= value <= hi:
+            return None, f"integer out of range for {kind}"
+        return value, None
+    if kind == "string":
+        if not isinstance(value, str):
+            return None, f"expected a string, got {type(value).__name__}"
+        return value, None
+    if kind == "boolean":
+        if not isinstance(value, bool):
+            return None, f"expected a boolean, got {type(value).__name__}"
+        return value, None
+    return None, f"unsupported type {kind}"  # pragma: no cover - spec_from_signature rejects these
+
+
+def parse_chunk(values: pd.Series, spec: InputSpec):
+    """Parse raw payloads. Returns ``(reasons, event_ids, event_times, columns)`` where ``columns``
+    maps feature name to a list aligned with ``values`` (None where the row is invalid)."""
+    n = len(values)
+    reasons: list = [None] * n
+    ids: list = [None] * n
+    times: list = [None] * n
+    cols = {f.name: [None] * n for f in spec.features}
+    id_f, time_f = spec.event_id_field, spec.event_time_field
+    feats = spec.features
+    loads = orjson.loads
+    for i, raw in enumerate(values):
+        if raw is None:
+            reasons[i] = "empty payload (null value)"
+            continue
+        try:
+            obj = loads(raw)
+        except orjson.JSONDecodeError as e:
+            reasons[i] = f"invalid JSON: {e}"
+            continue
+        if not isinstance(obj, dict):
+            reasons[i] = f"expected a JSON object, got {type(obj).__name__}"
+            continue
+        eid = obj.get(id_f)
+        if eid is None or isinstance(eid, (dict, list, bool)) or eid == "":
+            reasons[i] = f"missing required field {id_f!r}" if eid is None else f"field {id_f!r}: expected a string or integer id"
+            continue
+        et = obj.get(time_f)
+        if et is None:
+            reasons[i] = f"missing required field {time_f!r}"
+            continue
+        if isinstance(et, bool) or not isinstance(et, (str, int, float)):
+            reasons[i] = f"field {time_f!r}: expected an ISO-8601 string or epoch milliseconds"
+            continue
+        problem = None
+        row = []
+        for f in feats:
+            v = obj.get(f.name)
+            if v is None:
+                if f.required:
+                    problem = f"missing required field {f.name!r}"
+                    break
+                row.append(None)
+                continue
+            v, why = _check(v, f.type)
+            if why:
+                problem = f"field {f.name!r}: {why}"
+                break
+            row.append(v)
+        if problem:
+            reasons[i] = problem
+            continue
+        ids[i] = str(eid)
+        times[i] = et
+        for f, v in zip(feats, row):
+            cols[f.name][i] = v
+    return reasons, ids, times, cols
+
+
+def _parse_times(times: list, reasons: list, time_field: str) -> pd.Series:
+    out = pd.Series(pd.NaT, index=range(len(times)), dtype="datetime64[ns, UTC]")
+    for i, t in enumerate(times):
+        if t is None:
+            continue
+        try:
+            ts = pd.Timestamp(t, unit="ms", tz="UTC") if isinstance(t, (int, float)) else pd.Timestamp(t)
+            if ts is pd.NaT or pd.isna(ts):
+                raise ValueError("empty time")
+            ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+            out.iat[i] = ts
+        except (ValueError, TypeError, OverflowError) as e:
+            reasons[i] = f"field {time_field!r}: not a valid timestamp ({e})"
+    return out
+
+
+def score_chunk(values: pd.Series, spec: InputSpec, model) -> pd.DataFrame:
+    """Parse + validate + predict. ``model`` is anything with ``predict(pandas.DataFrame)``."""
+    reasons, ids, times, cols = parse_chunk(values, spec)
+    event_time = _parse_times(times, reasons, spec.event_time_field)
+    ok = np.array([r is None for r in reasons], dtype=bool)
+    n = len(values)
+    out = pd.DataFrame({"ok": ok, "reason": reasons, "event_id": ids, "event_time": event_time})
+    valid_idx = np.flatnonzero(ok)
+    features = {}
+    for f in spec.features:
+        full = cols[f.name]
+        if f.type in _NUMPY and f.required:
+            arr = np.zeros(n, dtype=_NUMPY[f.type])
+            if len(valid_idx):
+                arr[valid_idx] = [full[i] for i in valid_idx]
+            features[f.name] = arr
+        else:
+            features[f.name] = pd.Series(full, dtype="object")
+    feat_df = pd.DataFrame(features, index=range(n))
+    prediction = pd.Series([None] * n, dtype="object")
+    if len(valid_idx):
+        try:
+            preds = model.predict(feat_df.iloc[valid_idx].reset_index(drop=True))
+            preds = _first_column(preds)
+            if len(preds) != len(valid_idx):
+                raise ValueError(f"model returned {len(preds)} predictions for {len(valid_idx)} rows")
+            prediction = pd.Series(np.empty(n, dtype=object))
+            prediction.iloc[valid_idx] = list(preds)
+            prediction[~ok] = None
+        except Exception as e:  # noqa: BLE001 - every row must end up somewhere: dead-letter with the cause
+            msg = f"model error: {type(e).__name__}: {e}"[:1000]
+            for i in valid_idx:
+                reasons[i] = msg
+            ok[:] = False
+            out["ok"] = ok
+            out["reason"] = reasons
+    for f in spec.features:
+        out[f.name] = feat_df[f.name]
+    out["prediction"] = _cast_prediction(prediction, spec.prediction_type, ok)
+    return out
+
+
+def _first_column(preds):
+    if isinstance(preds, pd.DataFrame):
+        preds = preds.iloc[:, 0]
+    arr = np.asarray(preds)
+    if arr.ndim > 1:
+        arr = arr[:, 0]
+    return arr
+
+
+def _cast_prediction(pred: pd.Series, kind: str, ok: np.ndarray) -> pd.Series:
+    if kind in ("long", "integer"):
+        return pd.array([int(v) if k else None for v, k in zip(pred, ok)], dtype="Int64" if kind == "long" else "Int32")
+    if kind in ("double", "float"):
+        return pd.Series([float(v) if k else np.nan for v, k in zip(pred, ok)], dtype="float64")
+    if kind == "boolean":
+        return pd.array([bool(v) if k else None for v, k in zip(pred, ok)], dtype="boolean")
+    return pd.Series([str(v) if k else None for v, k in zip(pred, ok)], dtype="object")

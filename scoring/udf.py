@@ -1,0 +1,97 @@
+"""The scoring pandas UDF, bound to exactly one model version.
+
+Unlike ``mlflow.pyfunc.spark_udf`` (which reloads the model in every task in local mode), the model
+is kept in a small per-process cache keyed by (name, version): a Python worker loads a version once
+and reuses it across tasks and micro-batches. The cache holds at most ``CACHE_SIZE`` versions (the
+serving one and the one it replaced), so repeated swaps do not grow worker memory.
+
+On a cluster the driver ships the model folder with ``SparkContext.addFile``; a worker finds it
+through ``SparkFiles`` when the driver's local path is not visible to it.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator
+
+import pandas as pd
+
+from scoring.records import score_chunk
+from scoring.spec import InputSpec
+
+CACHE_SIZE = 2
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    """A concrete, downloaded model version (small and picklable: it travels inside the UDF)."""
+
+    name: str
+    version: str
+    run_id: str
+    local_path: str  # the model folder on the driver
+    ship_name: str  # the folder's name under SparkFiles on executors
+
+    @property
+    def label(self) -> str:
+        return f"model {self.name!r} version {self.version}"
+
+
+_cache: "OrderedDict[tuple[str, str], object]" = OrderedDict()
+_lock = threading.Lock()
+
+
+def _model_dir(handle: ModelHandle) -> str:
+    if os.path.isdir(handle.local_path):
+        return handle.local_path
+    from pyspark import SparkFiles
+
+    shipped = SparkFiles.get(handle.ship_name)
+    if os.path.isdir(shipped):
+        return shipped
+    raise FileNotFoundError(f"{handle.label}: model files found neither at {handle.local_path} nor in SparkFiles")
+
+
+def load_model(handle: ModelHandle):
+    """The pyfunc model for ``handle``, loaded once per process."""
+    key = (handle.name, handle.version)
+    with _lock:
+        model = _cache.get(key)
+        if model is not None:
+            _cache.move_to_end(key)
+            return model
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model(_model_dir(handle))
+    with _lock:
+        _cache[key] = model
+        _cache.move_to_end(key)
+        evicted = False
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+            evicted = True
+    if evicted:
+        gc.collect()
+    return model
+
+
+def cached_versions() -> list[tuple[str, str]]:
+    with _lock:
+        return list(_cache)
+
+
+def make_score_udf(handle: ModelHandle, spec: InputSpec):
+    """A pandas UDF ``value -> struct<ok, reason, event_id, event_time, features..., prediction>``."""
+    from pyspark.sql.functions import pandas_udf
+
+    @pandas_udf(spec.result_ddl())
+    def score(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        model = load_model(handle)
+        for values in batches:
+            yield score_chunk(values, spec, model)
+
+    return score

@@ -1,0 +1,150 @@
+"""One MLflow run per job run, and per-batch metrics that never take the stream down.
+
+Metrics go through a bounded buffer: when the tracking server is unreachable the stream goes on,
+the outage is logged once, the oldest buffered entries are dropped first (and counted), and the
+buffer is flushed when the server answers again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+
+def configure_mlflow(settings) -> tuple[str, str]:
+    """Point mlflow at the configured tracking and registry URIs; returns both."""
+    import mlflow
+
+    t = settings.tracking
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(t.request_timeout_s)))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(t.request_max_retries))
+    if t.token is not None:
+        uri = t.effective_uri()
+        if uri.startswith("databricks"):
+            os.environ.setdefault("DATABRICKS_TOKEN", t.token.get_secret_value())
+        else:
+            os.environ.setdefault("MLFLOW_TRACKING_TOKEN", t.token.get_secret_value())
+    tracking_uri = t.effective_uri()
+    registry_uri = t.effective_registry_uri()
+    if tracking_uri.startswith("azureml://"):
+        _check_azureml_plugin()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(registry_uri)
+    return tracking_uri, registry_uri
+
+
+def _check_azureml_plugin() -> None:
+    from importlib.metadata import entry_points
+
+    names = {ep.name for ep in entry_points(group="mlflow.tracking_store")}
+    if "azureml" not in names:
+        from conf.settings import ConfigError
+
+        raise ConfigError("tracking.uri is an azureml:// URI but the azureml-mlflow plugin is not installed "
+                          "(pip install 'streamscore[azure]')")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = "" if v is None else str(v)[:500]
+    return out
+
+
+class RunTracker:
+    def __init__(self, tracking_uri: str, experiment: str, buffer_max_entries: int = 10000):
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.client = MlflowClient(tracking_uri)
+        self.run_id: Optional[str] = None
+        self.experiment_id: Optional[str] = None
+        self._buffer: deque = deque()
+        self._max = buffer_max_entries
+        self.dropped = 0
+        self._outage_since: Optional[float] = None
+
+    # -- run lifecycle ---------------------------------------------------------------------------
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        flat = _flatten(params)
+        items = [Param(k, v) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        return self.run_id
+
+    def finish(self, status: str, summary: Optional[dict] = None) -> None:
+        if self.run_id is None:
+            return
+        self.flush()
+        try:
+            if summary is not None:
+                self.client.log_text(self.run_id, json.dumps(summary, indent=2, default=str), "summary.json")
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not close MLflow run %s (%s): %s", self.run_id, status, e)
+
+    # -- metrics -----------------------------------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        for k, v in metrics.items():
+            if v is None:
+                continue
+            if len(self._buffer) >= self._max:
+                self._buffer.popleft()
+                self.dropped += 1
+            self._buffer.append(Metric(k, float(v), ts, step))
+        self.flush()
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        try:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, v)
+        except Exception as e:  # noqa: BLE001
+            self._outage(e)
+
+    def flush(self) -> bool:
+        if self.run_id is None or not self._buffer:
+            return True
+        try:
+            while self._buffer:
+                chunk = [self._buffer[i] for i in range(min(len(self._buffer), 1000))]
+                self.client.log_batch(self.run_id, metrics=chunk)
+                for _ in chunk:
+                    self._buffer.popleft()
+        except Exception as e:  # noqa: BLE001 - tracking must never stop scoring
+            self._outage(e)
+            return False
+        if self._outage_since is not None:
+            log.warning("tracking server back after %.0fs; buffered metrics flushed (%d dropped)",
+                        time.time() - self._outage_since, self.dropped)
+            self._outage_since = None
+        return True
+
+    def _outage(self, e: Exception) -> None:
+        if self._outage_since is None:
+            self._outage_since = time.time()
+            log.warning("tracking server unreachable (%s); buffering metrics (at most %d)",
+                        type(e).__name__, self._max)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)

@@ -1,0 +1,109 @@
+"""Helpers shared by the integration tests (run in Spark's Python workers too)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import cloudpickle
+import mlflow.pyfunc
+import pandas as pd
+
+from streamscore.demo import FEATURES, iris_frame
+
+
+class RaisingModel(mlflow.pyfunc.PythonModel):
+    """Compatible signature, but predict fails."""
+
+    def predict(self, context, model_input, params=None):
+        raise ValueError("this model version is broken")
+
+
+class NeedsOtherInput(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return pd.Series([0] * len(model_input))
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def register_pyfunc(name: str, model, X: pd.DataFrame, y) -> str:
+    from mlflow.models import infer_signature
+
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="model", python_model=model, signature=infer_signature(X, y),
+                                       input_example=X.head(3), registered_model_name=name)
+    return str(info.registered_model_version)
+
+
+def register_broken_signature(name: str) -> str:
+    X, y = iris_frame()
+    X = X.assign(petal_area=X["petal_length"] * X["petal_width"])
+    return register_pyfunc(name, NeedsOtherInput(), X, y.to_numpy())
+
+
+def register_raising(name: str) -> str:
+    X, y = iris_frame()
+    return register_pyfunc(name, RaisingModel(), X, y.to_numpy())
+
+
+def wait_for(cond, timeout: float = 120, interval: float = 0.2, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class StreamThread:
+    """Runs ``run_stream`` in a thread until :meth:`stop`; exposes the processor and watcher."""
+
+    def __init__(self, settings):
+        from streamscore.app import run_stream
+
+        self.ready: dict = {}
+        self.summary: dict | None = None
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._ready_evt = threading.Event()
+
+        def on_ready(info):
+            self.ready.update(info)
+            self._ready_evt.set()
+
+        def target():
+            try:
+                self.summary = run_stream(settings, should_stop=self._stop.is_set, on_ready=on_ready, job="test")
+            except BaseException as e:  # noqa: BLE001
+                self.error = e
+                self._ready_evt.set()
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+        self._ready_evt.wait(300)
+        if self.error:
+            raise self.error
+
+    @property
+    def processor(self):
+        return self.ready["processor"]
+
+    @property
+    def watcher(self):
+        return self.ready["watcher"]
+
+    def stop(self, timeout: float = 120) -> dict:
+        self._stop.set()
+        self.thread.join(timeout)
+        if self.error:
+            raise self.error
+        assert self.summary is not None, "stream did not stop"
+        return self.summary
+
+
+def expected_predictions(model_version_uri: str, rows: pd.DataFrame):
+    model = mlflow.pyfunc.load_model(model_version_uri)
+    return model.predict(rows[FEATURES])

@@ -1,0 +1,118 @@
+"""Parsing, validation and scoring of raw events (pure pandas, no Spark)."""
+
+from __future__ import annotations
+
+import orjson
+import pandas as pd
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from registry_watch.resolve import ModelRef
+from scoring.records import score_chunk
+from scoring.spec import Field, InputSpec, SignatureError, compatible, spec_from_signature
+from streamscore.demo import FEATURES, iris_frame
+
+SPEC = InputSpec("event_id", "event_time", tuple(Field(f, "double") for f in FEATURES), "long")
+
+
+@pytest.fixture(scope="module")
+def model():
+    X, y = iris_frame()
+    return LogisticRegression(max_iter=500).fit(X, y)
+
+
+def _event(i, **over):
+    X, _ = iris_frame()
+    rec = {"event_id": f"e{i}", "event_time": "2026-01-02T03:04:05Z", **X.iloc[i % 150].to_dict()}
+    rec.update(over)
+    return orjson.dumps({k: v for k, v in rec.items() if v is not ...})
+
+
+def test_valid_rows_are_scored_like_the_model(model):
+    X, _ = iris_frame()
+    values = pd.Series([_event(i) for i in range(150)])
+    out = score_chunk(values, SPEC, model)
+    assert out["ok"].all() and out["reason"].isna().all()
+    assert (out["prediction"].to_numpy() == model.predict(X)).all()
+    assert list(out["event_id"]) == [f"e{i}" for i in range(150)]
+    assert str(out["event_time"].dtype) == "datetime64[ns, UTC]"
+
+
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (b"{oops", "invalid JSON"),
+        (b"[1, 2]", "expected a JSON object, got list"),
+        (None, "empty payload"),
+        (_event(1, petal_width=...), "missing required field 'petal_width'"),
+        (_event(1, event_id=...), "missing required field 'event_id'"),
+        (_event(1, event_time=...), "missing required field 'event_time'"),
+        (_event(1, event_time="not a time"), "field 'event_time': not a valid timestamp"),
+        (_event(1, sepal_length="wide"), "field 'sepal_length': expected a number, got str"),
+        (_event(1, sepal_length=True), "field 'sepal_length': expected a number, got bool"),
+        (_event(1, event_id={"a": 1}), "field 'event_id': expected a string or integer id"),
+    ],
+)
+def test_invalid_rows_get_a_reason_and_do_not_disturb_valid_ones(model, payload, reason):
+    values = pd.Series([_event(0), payload, _event(2)])
+    out = score_chunk(values, SPEC, model)
+    assert list(out["ok"]) == [True, False, True]
+    assert reason in out["reason"][1]
+    assert out["prediction"].isna().tolist() == [False, True, False]
+
+
+def test_epoch_millis_and_integer_values_are_accepted(model):
+    out = score_chunk(pd.Series([_event(0, event_time=1_700_000_000_000, sepal_length=5)]), SPEC, model)
+    assert out["ok"][0] and out["event_time"][0] == pd.Timestamp(1_700_000_000_000, unit="ms", tz="UTC")
+
+
+def test_a_failing_model_dead_letters_the_rows_with_the_cause():
+    class Broken:
+        def predict(self, df):
+            raise RuntimeError("boom")
+
+    out = score_chunk(pd.Series([_event(0), b"{bad"]), SPEC, Broken())
+    assert not out["ok"].any()
+    assert "model error: RuntimeError: boom" in out["reason"][0] and "invalid JSON" in out["reason"][1]
+
+
+def test_spec_from_signature_and_compatibility(model):
+    from mlflow.models import infer_signature
+
+    X, y = iris_frame()
+    spec = spec_from_signature(infer_signature(X, model.predict(X)), "event_id", "event_time", "m v1")
+    assert spec.feature_names == FEATURES and spec.prediction_type == "long"
+    compatible(spec, spec, "m v2")
+    wider = spec_from_signature(infer_signature(X.assign(extra=1.0), model.predict(X)), "event_id", "event_time", "x")
+    with pytest.raises(SignatureError, match="needs input 'extra'"):
+        compatible(spec, wider, "m v3")
+    regressor = spec_from_signature(infer_signature(X, model.predict(X).astype(float)), "event_id", "event_time", "x")
+    with pytest.raises(SignatureError, match="predicts double but the output table holds long"):
+        compatible(spec, regressor, "m v4")
+    with pytest.raises(SignatureError, match="no input signature"):
+        spec_from_signature(None, "event_id", "event_time", "m v5")
+
+
+def test_model_refs():
+    assert ModelRef.parse("@champion") == ModelRef("alias", "champion")
+    assert ModelRef.parse("stage:Production") == ModelRef("stage", "Production")
+    assert ModelRef.parse("latest") == ModelRef("latest", "")
+    assert ModelRef.parse("7") == ModelRef("version", "7")
+    with pytest.raises(ValueError, match="not a model reference"):
+        ModelRef.parse("champion")
+
+
+def test_worker_model_cache_is_bounded(tmp_path, model):
+    """Many swaps must not grow a worker's memory: at most CACHE_SIZE versions stay loaded."""
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+
+    from scoring import udf
+
+    X, _ = iris_frame()
+    path = tmp_path / "m"
+    mlflow.sklearn.save_model(model, str(path), signature=infer_signature(X, model.predict(X)))
+    for v in range(50):
+        udf.load_model(udf.ModelHandle("cache-test", str(v), "run", str(path), "ship"))
+    mine = [k for k in udf.cached_versions() if k[0] == "cache-test"]
+    assert mine == [("cache-test", "48"), ("cache-test", "49")]

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conf.settings import ConfigError, load_settings
+
+
+def test_defaults_load_and_relative_paths_go_under_home(tmp_path):
+    s = load_settings(overrides={"app": {"home": str(tmp_path)}})
+    assert s.source.kind == "kafka" and s.model.ref == "@champion"
+    assert s.output_path == str(tmp_path / "tables" / "scored")
+    assert s.app_id.startswith("streamscore-")
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"source\.kafka\.topicc: unknown key"):
+        load_settings(overrides=["source.kafka.topicc=x"])
+
+
+def test_invalid_value_is_named():
+    with pytest.raises(ConfigError, match=r"trigger\.processing_time"):
+        load_settings(overrides=["trigger.processing_time=soon"])
+    with pytest.raises(ConfigError, match=r"source\.kafka\.max_offsets_per_trigger"):
+        load_settings(overrides=["source.kafka.max_offsets_per_trigger=-1"])
+
+
+def test_unknown_profile():
+    with pytest.raises(ConfigError, match="unknown profile 'nope'"):
+        load_settings("nope")
+
+
+def test_environment_overrides_yaml_and_cli_overrides_environment(monkeypatch):
+    monkeypatch.setenv("STREAMSCORE_SOURCE__KAFKA__TOPIC", "from-env")
+    monkeypatch.setenv("STREAMSCORE_TRIGGER__MAX_BATCHES", "4")
+    s = load_settings()
+    assert s.source.kafka.topic == "from-env" and s.trigger.max_batches == 4
+    assert load_settings(overrides=["source.kafka.topic=from-cli"]).source.kafka.topic == "from-cli"
+
+
+def test_unknown_environment_key_is_named(monkeypatch):
+    monkeypatch.setenv("STREAMSCORE_SINK__OUTPUT", "x")
+    with pytest.raises(ConfigError, match=r"sink\.output: unknown key"):
+        load_settings()
+
+
+def test_secrets_are_masked(monkeypatch):
+    monkeypatch.setenv("STREAMSCORE_TRACKING__TOKEN", "s3cr3t-token")
+    monkeypatch.setenv("STREAMSCORE_SOURCE__KAFKA__SASL_PASSWORD", "kafka-pass")
+    s = load_settings()
+    dumped = json.dumps(s.masked())
+    assert "s3cr3t-token" not in dumped and "kafka-pass" not in dumped and "**********" in dumped
+    assert "s3cr3t-token" not in repr(s) and "s3cr3t-token" not in str(s)
+    assert s.tracking.token.get_secret_value() == "s3cr3t-token"
+
+
+def test_azure_uri_is_built_and_incomplete_target_is_named():
+    s = load_settings("azure", overrides=["tracking.azure.subscription_id=sub", "tracking.azure.resource_group=rg",
+                                          "tracking.azure.workspace=ws", "tracking.azure.region=westeurope"])
+    assert s.tracking.effective_uri() == (
+        "azureml://westeurope.api.azureml.ms/mlflow/v2.0/subscriptions/sub/resourceGroups/rg"
+        "/providers/Microsoft.MachineLearningServices/workspaces/ws")
+    s = load_settings("azure", overrides=["tracking.azure.subscription_id=sub"])
+    with pytest.raises(ConfigError, match="tracking.azure.resource_group"):
+        s.tracking.effective_uri()
+
+
+def test_cli_reports_config_error_with_key_and_json_last_line():
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "stream", "--set", "sink.bogus=1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "sink.bogus: unknown key" in proc.stderr
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["status"] == "FAILED" and "sink.bogus" in last["error"]

@@ -35,6 +35,7 @@ class Artifact:
     group: str
     artifact: str
     version: str
+    exclusions: tuple[str, ...] = ()  # "group:artifact"
 
     @property
     def coordinate(self) -> str:
@@ -50,16 +51,37 @@ def kafka_artifacts() -> list[Artifact]:
     ]
 
 
+# Spark 4.1.1's Kafka connector throws a NullPointerException in its progress metrics when a
+# restarted query re-runs a batch that had not committed (SPARK-55271, fixed by 4.1.3). That is
+# exactly the crash-recovery path, so on 4.1.1 the patched connector of the same minor line is used.
+CONNECTOR_OVERRIDES = {"4.1.1": "4.1.3"}
+
+
 def spark_artifacts() -> list[Artifact]:
     import pyspark
 
     spark_version = pyspark.__version__
+    connector_version = os.environ.get("STREAMSCORE_KAFKA_CONNECTOR_VERSION") or CONNECTOR_OVERRIDES.get(
+        spark_version, spark_version)
     delta_version = metadata.version("delta-spark")
     spark_minor = ".".join(spark_version.split(".")[:2])
+    token_provider = f"spark-token-provider-kafka-0-10_{SCALA_BINARY}"
     return [
-        Artifact("org.apache.spark", f"spark-sql-kafka-0-10_{SCALA_BINARY}", spark_version),
+        Artifact("org.apache.spark", f"spark-sql-kafka-0-10_{SCALA_BINARY}", connector_version,
+                 exclusions=(f"org.apache.spark:{token_provider}",)),
+        Artifact("org.apache.spark", token_provider, spark_version),
         Artifact("io.delta", f"delta-spark_{spark_minor}_{SCALA_BINARY}", delta_version),
     ]
+
+
+def _exclusions(a: Artifact) -> str:
+    if not a.exclusions:
+        return ""
+    items = "".join(
+        f"<exclusion><groupId>{e.split(':')[0]}</groupId><artifactId>{e.split(':')[1]}</artifactId></exclusion>"
+        for e in a.exclusions
+    )
+    return f"\n      <exclusions>{items}</exclusions>"
 
 
 def _pom(artifacts: list[Artifact]) -> str:
@@ -67,7 +89,7 @@ def _pom(artifacts: list[Artifact]) -> str:
         f"""    <dependency>
       <groupId>{a.group}</groupId>
       <artifactId>{a.artifact}</artifactId>
-      <version>{a.version}</version>
+      <version>{a.version}</version>{_exclusions(a)}
     </dependency>"""
         for a in artifacts
     )
@@ -82,6 +104,18 @@ def _pom(artifacts: list[Artifact]) -> str:
 {deps}
   </dependencies>
 </project>
+"""
+
+
+_MAVEN_SETTINGS = """<settings xmlns="http://maven.apache.org/SETTINGS/1.0.0">
+  <mirrors>
+    <mirror>
+      <id>central-only</id>
+      <mirrorOf>*</mirrorOf>
+      <url>https://repo.maven.apache.org/maven2</url>
+    </mirror>
+  </mirrors>
+</settings>
 """
 
 
@@ -118,8 +152,14 @@ def resolve(name: str, artifacts: list[Artifact], dest: Path, skip_present_in_py
         pom = Path(tmp) / "pom.xml"
         pom.write_text(_pom(artifacts))
         staging = Path(tmp) / "jars"
+        settings = os.environ.get("STREAMSCORE_MAVEN_SETTINGS")
+        if not settings:
+            # Spark's parent pom names extra repositories (a mirror this machine cannot reach):
+            # route every repository to Maven Central.
+            settings = str(Path(tmp) / "settings.xml")
+            Path(settings).write_text(_MAVEN_SETTINGS)
         cmd = [
-            mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
+            mvn, "-q", "-B", "-U", "-s", settings, "-f", str(pom), "dependency:copy-dependencies",
             f"-DoutputDirectory={staging}", "-DincludeScope=runtime",
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -82,23 +82,30 @@ def test_restart_on_same_checkpoint_scores_only_new_events(spark, make_settings)
     assert sorted(out["event_id"]) == sorted(first.valid_ids + second.valid_ids)
 
 
-def test_replayed_batch_is_not_written_twice_and_keeps_its_version(spark, make_settings):
-    """Crash after the Delta write but before the checkpoint commit: the batch is replayed; the
-    idempotent write skips it and the ledger pins the version that scored it first."""
-    s = make_settings(trigger={"available_now": True})
+def test_replayed_batch_is_not_written_twice_and_keeps_its_version(spark, make_settings, monkeypatch):
+    """A crash after the Delta write but before Spark commits the batch: on restart the batch is
+    replayed; the idempotent write skips it and the ledger pins the version that scored it first."""
+    from streamscore.runner import BatchProcessor
+
+    s = make_settings(trigger={"max_batches": 1})
     v1 = train_and_register(s.model.name, "v1", alias="champion")
     k = s.source.kafka
     ensure_topic(k.bootstrap_servers, k.topic)
     produce_events(k.bootstrap_servers, k.topic, 200, malformed_every=10, prefix="r")
-    first = run_stream(s)
-    assert first["batches"] == 1
-    # simulate the crash: forget that batch 0 committed
-    commit = Path(s.checkpoint_path) / "commits" / "0"
-    assert commit.exists()
-    commit.unlink()
-    for crc in commit.parent.glob(".0.crc"):
-        crc.unlink()
-    v2 = train_and_register(s.model.name, "v2", alias="champion")  # alias moved meanwhile
+
+    original = BatchProcessor.__call__
+
+    def crash_after_write(self, batch_df, batch_id):
+        original(self, batch_df, batch_id)
+        raise RuntimeError("simulated crash after the sink write")
+
+    monkeypatch.setattr(BatchProcessor, "__call__", crash_after_write)
+    with pytest.raises(Exception, match="simulated crash"):
+        run_stream(s)
+    assert len(_read(spark, s.output_path)) == 180  # written, but the batch never committed
+    monkeypatch.setattr(BatchProcessor, "__call__", original)
+
+    v2 = train_and_register(s.model.name, "v2", alias="champion")  # the alias moved meanwhile
     replay = run_stream(s)
     assert replay["rows_in"] == 200  # batch 0 ran again
     assert replay["rows_by_version"] == {v1: 180}  # ...with the version recorded for it

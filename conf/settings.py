@@ -146,6 +146,21 @@ class TrackingSettings(_Section):
         return self.registry_uri or self.effective_uri()
 
 
+class WebhookSettings(_Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)  # 0: any free port
+    secret: Optional[SecretStr] = None
+    max_age_s: float = Field(300, gt=0)
+    register: bool = True  # create the webhook on the MLflow server at start (removed at stop)
+
+    @model_validator(mode="after")
+    def _secret(self) -> "WebhookSettings":
+        if self.enabled and self.secret is None:
+            raise ValueError("watch.webhook.secret is required when watch.webhook.enabled is true")
+        return self
+
+
 class WatchSettings(_Section):
     enabled: bool = True
     poll_interval_s: float = Field(5, gt=0)
@@ -153,6 +168,7 @@ class WatchSettings(_Section):
     required_tag: Optional[str] = None
     retry_refused_after_s: float = Field(600, ge=0)
     sample_rows: int = Field(20, ge=1)
+    webhook: WebhookSettings = WebhookSettings()
 
     @field_validator("required_tag")
     @classmethod

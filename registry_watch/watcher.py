@@ -118,6 +118,7 @@ class RegistryWatcher:
         self._poll_now = threading.Event()
         self._lock = threading.RLock()
         self._poll_lock = threading.Lock()
+        self._hint_alias_set_at: Optional[float] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -135,8 +136,10 @@ class RegistryWatcher:
         return self.current
 
     # -- polling -----------------------------------------------------------------------------
-    def request_poll(self) -> None:
-        """Ask for a poll as soon as possible (e.g. from a webhook)."""
+    def request_poll(self, alias_set_at: Optional[float] = None) -> None:
+        """Ask for a poll as soon as possible (e.g. from a webhook, which says when the alias moved)."""
+        if alias_set_at is not None:
+            self._hint_alias_set_at = alias_set_at
         self._poll_now.set()
 
     def poll(self, force: bool = False, alias_set_at: Optional[float] = None) -> Optional[str]:
@@ -184,13 +187,16 @@ class RegistryWatcher:
                     self.on_refusal(refusal)
                 return "refused"
             self._refused_at.pop(version, None)
+            recorded_at = self._alias_set_at()
             with self._lock:
                 event = SwapEvent(
                     from_version=self.current.version, to_version=version, detected_at=now,
-                    prepared_at=time.time(), alias_set_at=alias_set_at or self._alias_set_at(),
+                    prepared_at=time.time(),
+                    alias_set_at=alias_set_at or recorded_at or self._hint_alias_set_at,
                     gate_seconds=result.seconds,
                 )
                 self._pending = _Pending(result, event)
+                self._hint_alias_set_at = None
             log.info("version %s passed the gate in %.1fs; it serves from the next batch", version, result.seconds)
             return "prepared"
         finally:

@@ -61,6 +61,37 @@ def _json(d: dict) -> str:
     return json.dumps(d, default=str)
 
 
+class _Webhook:
+    def __init__(self, receiver, client, webhook_id):
+        self.receiver, self.client, self.webhook_id = receiver, client, webhook_id
+
+    def close(self) -> None:
+        self.receiver.stop()
+        if self.webhook_id:
+            try:
+                self.client.delete_webhook(self.webhook_id)
+            except Exception as e:  # noqa: BLE001
+                log.warning("could not delete webhook %s: %s", self.webhook_id, e)
+
+
+def start_webhook(settings, watcher, client) -> _Webhook:
+    from registry_watch.webhook import WebhookReceiver
+
+    wh = settings.watch.webhook
+    secret = wh.secret.get_secret_value()
+    receiver = WebhookReceiver(secret, settings.model.name, lambda _ev, ts: watcher.request_poll(alias_set_at=ts),
+                               host=wh.host, port=wh.port, max_age_s=wh.max_age_s).start()
+    webhook_id = None
+    if wh.register:
+        hook = client.create_webhook(
+            name=f"streamscore-{settings.app_id}", url=receiver.url, secret=secret,
+            events=["model_version_alias.created", "model_version.created"],
+        )
+        webhook_id = hook.webhook_id
+    log.info("webhook receiver listening on %s", receiver.url)
+    return _Webhook(receiver, client, webhook_id)
+
+
 def run_params(settings) -> dict:
     s = settings.masked()
     return {"source": s["source"], "sink": {**s["sink"], "output_path": settings.output_path,
@@ -109,10 +140,13 @@ def run_stream(settings, should_stop: Optional[Callable[[], bool]] = None,
     stopper.install_signal_handlers()
     status, error = "FINISHED", None
     query = None
+    webhook = None
     try:
         query = writer.start()
         if settings.watch.enabled and settings.watch.background_thread:
             watcher.start_background()
+        if settings.watch.enabled and settings.watch.webhook.enabled:
+            webhook = start_webhook(settings, watcher, client)
         if on_ready:
             on_ready({"query_id": query.id, "run_id": run_id, "model_version": handle.version,
                       "processor": processor, "watcher": watcher})
@@ -124,6 +158,8 @@ def run_stream(settings, should_stop: Optional[Callable[[], bool]] = None,
         raise
     finally:
         watcher.stop()
+        if webhook is not None:
+            webhook.close()
         if query is not None and query.isActive:
             query.stop()
         summary = {

@@ -152,7 +152,7 @@ class WebhookSettings(_Section):
     port: int = Field(0, ge=0, le=65535)  # 0: any free port
     secret: Optional[SecretStr] = None
     max_age_s: float = Field(300, gt=0)
-    register: bool = True  # create the webhook on the MLflow server at start (removed at stop)
+    register_on_server: bool = True  # create the webhook on the MLflow server at start (removed at stop)
 
     @model_validator(mode="after")
     def _secret(self) -> "WebhookSettings":

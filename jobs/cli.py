@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs import demo, models, produce, services, stream
+from jobs import bench, demo, models, produce, services, stream
 
 COMMANDS = {
     "stream": (stream, "continuous scoring of a Kafka topic or Delta table into Delta"),
@@ -13,6 +13,7 @@ COMMANDS = {
     "services": (services, "start/stop/status of the local Kafka broker and MLflow server"),
     "produce": (produce, "send demo events to Kafka"),
     "model": (models, "register the demo model, or move an alias"),
+    "bench": (bench, "throughput vs mlflow spark_udf, and memory across model swaps"),
 }
 
 

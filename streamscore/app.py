@@ -82,7 +82,7 @@ def start_webhook(settings, watcher, client) -> _Webhook:
     receiver = WebhookReceiver(secret, settings.model.name, lambda _ev, ts: watcher.request_poll(alias_set_at=ts),
                                host=wh.host, port=wh.port, max_age_s=wh.max_age_s).start()
     webhook_id = None
-    if wh.register:
+    if wh.register_on_server:
         hook = client.create_webhook(
             name=f"streamscore-{settings.app_id}", url=receiver.url, secret=secret,
             events=["model_version_alias.created", "model_version.created"],

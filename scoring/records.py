@@ -107,18 +107,24 @@ def parse_chunk(values: pd.Series, spec: InputSpec):
 
 
 def _parse_times(times: list, reasons: list, time_field: str) -> pd.Series:
-    out = pd.Series(pd.NaT, index=range(len(times)), dtype="datetime64[ns, UTC]")
-    for i, t in enumerate(times):
-        if t is None:
-            continue
-        try:
-            ts = pd.Timestamp(t, unit="ms", tz="UTC") if isinstance(t, (int, float)) else pd.Timestamp(t)
-            if ts is pd.NaT or pd.isna(ts):
-                raise ValueError("empty time")
-            ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-            out.iat[i] = ts
-        except (ValueError, TypeError, OverflowError) as e:
-            reasons[i] = f"field {time_field!r}: not a valid timestamp ({e})"
+    """Vectorised: ISO-8601 strings (any offset) and epoch milliseconds -> UTC timestamps."""
+    n = len(times)
+    out = pd.Series(pd.NaT, index=range(n), dtype="datetime64[ns, UTC]")
+    str_idx = [i for i, t in enumerate(times) if isinstance(t, str)]
+    num_idx = [i for i, t in enumerate(times) if t is not None and not isinstance(t, str)]
+    if str_idx:
+        parsed = pd.to_datetime(pd.Series([times[i] for i in str_idx], dtype="object"), utc=True,
+                                errors="coerce", format="ISO8601")
+        out.iloc[str_idx] = parsed.to_numpy()
+    if num_idx:
+        nums = pd.Series([times[i] for i in num_idx], dtype="float64")
+        with np.errstate(all="ignore"):
+            parsed = pd.to_datetime(nums, unit="ms", utc=True, errors="coerce")
+        out.iloc[num_idx] = parsed.to_numpy()
+    bad = out.isna().to_numpy()
+    for i in str_idx + num_idx:
+        if bad[i]:
+            reasons[i] = f"field {time_field!r}: not a valid timestamp ({times[i]!r})"[:300]
     return out
 
 
@@ -141,26 +147,24 @@ def score_chunk(values: pd.Series, spec: InputSpec, model) -> pd.DataFrame:
         else:
             features[f.name] = pd.Series(full, dtype="object")
     feat_df = pd.DataFrame(features, index=range(n))
-    prediction = pd.Series([None] * n, dtype="object")
+    preds = None
     if len(valid_idx):
         try:
-            preds = model.predict(feat_df.iloc[valid_idx].reset_index(drop=True))
-            preds = _first_column(preds)
+            preds = _first_column(model.predict(feat_df.iloc[valid_idx].reset_index(drop=True)))
             if len(preds) != len(valid_idx):
                 raise ValueError(f"model returned {len(preds)} predictions for {len(valid_idx)} rows")
-            prediction = pd.Series(np.empty(n, dtype=object))
-            prediction.iloc[valid_idx] = list(preds)
-            prediction[~ok] = None
         except Exception as e:  # noqa: BLE001 - every row must end up somewhere: dead-letter with the cause
             msg = f"model error: {type(e).__name__}: {e}"[:1000]
             for i in valid_idx:
                 reasons[i] = msg
             ok[:] = False
+            valid_idx = valid_idx[:0]
+            preds = None
             out["ok"] = ok
             out["reason"] = reasons
     for f in spec.features:
         out[f.name] = feat_df[f.name]
-    out["prediction"] = _cast_prediction(prediction, spec.prediction_type, ok)
+    out["prediction"] = _prediction_column(preds, valid_idx, n, spec.prediction_type)
     return out
 
 
@@ -173,11 +177,26 @@ def _first_column(preds):
     return arr
 
 
-def _cast_prediction(pred: pd.Series, kind: str, ok: np.ndarray) -> pd.Series:
+def _prediction_column(preds, valid_idx: np.ndarray, n: int, kind: str):
+    """Predictions placed at the valid rows, null elsewhere, typed for the output schema."""
+    mask = np.ones(n, dtype=bool)
+    mask[valid_idx] = False
     if kind in ("long", "integer"):
-        return pd.array([int(v) if k else None for v, k in zip(pred, ok)], dtype="Int64" if kind == "long" else "Int32")
+        values = np.zeros(n, dtype="int64" if kind == "long" else "int32")
+        if preds is not None:
+            values[valid_idx] = np.asarray(preds).astype(values.dtype)
+        return pd.arrays.IntegerArray(values, mask)
     if kind in ("double", "float"):
-        return pd.Series([float(v) if k else np.nan for v, k in zip(pred, ok)], dtype="float64")
+        values = np.full(n, np.nan, dtype="float64")
+        if preds is not None:
+            values[valid_idx] = np.asarray(preds, dtype="float64")
+        return values
     if kind == "boolean":
-        return pd.array([bool(v) if k else None for v, k in zip(pred, ok)], dtype="boolean")
-    return pd.Series([str(v) if k else None for v, k in zip(pred, ok)], dtype="object")
+        values = np.zeros(n, dtype=bool)
+        if preds is not None:
+            values[valid_idx] = np.asarray(preds).astype(bool)
+        return pd.arrays.BooleanArray(values, mask)
+    values = np.full(n, None, dtype=object)
+    if preds is not None:
+        values[valid_idx] = [str(v) for v in preds]
+    return values

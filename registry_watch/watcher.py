@@ -119,6 +119,7 @@ class RegistryWatcher:
         self._lock = threading.RLock()
         self._poll_lock = threading.Lock()
         self._hint_alias_set_at: Optional[float] = None
+        self._registry_down = False
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -160,8 +161,13 @@ class RegistryWatcher:
                 log.warning("registry poll failed, keeping %s: %s", self.current.label, e)
                 return "resolve-failed"
             except Exception as e:  # noqa: BLE001 - a flaky registry must not stop scoring
-                log.warning("registry unreachable, keeping %s: %s", self.current.label, e)
+                if not self._registry_down:  # log an outage once, not once per poll
+                    log.warning("registry unreachable, keeping %s: %s", self.current.label, e)
+                self._registry_down = True
                 return "registry-unreachable"
+            if self._registry_down:
+                log.warning("registry reachable again")
+                self._registry_down = False
             version = str(mv.version)
             with self._lock:
                 target = self._pending.result.handle.version if self._pending else self.current.version

@@ -101,9 +101,12 @@ _shipped: set[str] = set()
 
 
 def _ship(spark, folder: Path) -> None:
+    """Send the model folder to every executor as an archive (Spark unpacks it there under
+    ``SparkFiles.get("<folder name>.zip")``); ``addFile`` refuses local directories on a cluster."""
     if str(folder) in _shipped:
         return
-    spark.sparkContext.addFile(str(folder), recursive=True)
+    archive = shutil.make_archive(str(folder), "zip", root_dir=folder)
+    spark.sparkContext.addArchive(archive)
     _shipped.add(str(folder))
 
 

@@ -5,8 +5,8 @@ is kept in a small per-process cache keyed by (name, version): a Python worker l
 and reuses it across tasks and micro-batches. The cache holds at most ``CACHE_SIZE`` versions (the
 serving one and the one it replaced), so repeated swaps do not grow worker memory.
 
-On a cluster the driver ships the model folder with ``SparkContext.addFile``; a worker finds it
-through ``SparkFiles`` when the driver's local path is not visible to it.
+On a cluster the driver ships the model folder as an archive (``SparkContext.addArchive``); a
+worker loads that copy through ``SparkFiles``.
 """
 
 from __future__ import annotations
@@ -46,14 +46,19 @@ _lock = threading.Lock()
 
 
 def _model_dir(handle: ModelHandle) -> str:
+    """The copy the driver shipped to this executor if there is one, else the driver's folder
+    (local mode, where driver and workers share the file system)."""
+    try:
+        from pyspark import SparkFiles
+
+        shipped = SparkFiles.get(handle.ship_name + ".zip")
+        if os.path.isfile(os.path.join(shipped, "MLmodel")):
+            return shipped
+    except Exception:  # noqa: BLE001 - no SparkFiles outside a Spark worker
+        pass
     if os.path.isdir(handle.local_path):
         return handle.local_path
-    from pyspark import SparkFiles
-
-    shipped = SparkFiles.get(handle.ship_name)
-    if os.path.isdir(shipped):
-        return shipped
-    raise FileNotFoundError(f"{handle.label}: model files found neither at {handle.local_path} nor in SparkFiles")
+    raise FileNotFoundError(f"{handle.label}: model files found neither in SparkFiles nor at {handle.local_path}")
 
 
 def load_model(handle: ModelHandle):

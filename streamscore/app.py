@@ -12,7 +12,7 @@ from registry_watch.resolve import ModelRef
 from registry_watch.watcher import BatchLedger, Refusal, RegistryWatcher, SwapEvent
 from streamscore.runner import BatchProcessor, StopController
 from streamscore.spark import build_spark
-from streamscore.tracking import RunTracker, configure_mlflow
+from streamscore.tracking import RunTracker, configure_mlflow, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def run_stream(settings, should_stop: Optional[Callable[[], bool]] = None,
     tracking_uri, registry_uri = configure_mlflow(settings)
     spark = build_spark(settings)
     client = MlflowClient(tracking_uri, registry_uri)
-    tracker = RunTracker(tracking_uri, settings.tracking.experiment, settings.tracking.buffer_max_entries)
+    tracker = make_tracker(settings, tracking_uri)
     processor_box: dict = {}
     watcher = build_watcher(settings, spark, client,
                             recent_sample=lambda: processor_box["p"].recent_sample() if "p" in processor_box else [],
@@ -185,6 +185,9 @@ def run_stream(settings, should_stop: Optional[Callable[[], bool]] = None,
             "stop_reason": stopper.reason or "completed",
             "tracking_metrics_dropped": tracker.dropped,
         }
+        if settings.tracking.mirror_uri:
+            summary["mirror_tracking_uri"] = settings.tracking.mirror_uri
+            summary["mirror_run_id"] = tracker.mirror_run_id
         if error:
             summary["error"] = error
         tracker.finish(status, summary)

@@ -148,3 +148,59 @@ class RunTracker:
     @property
     def buffered(self) -> int:
         return len(self._buffer)
+
+
+class MirroredTracker:
+    """The primary run plus a mirror run on a second tracking target with the same params, tags and
+    metrics. The mirror is best effort: its failures are buffered like the primary's and never stop
+    the job; a mirror that cannot even open its run is logged and left out."""
+
+    def __init__(self, primary: RunTracker, mirror: RunTracker):
+        self.primary = primary
+        self.mirror: Optional[RunTracker] = mirror
+
+    def __getattr__(self, name):  # run_id, dropped, buffered, tracking_uri, ... of the primary
+        return getattr(self.primary, name)
+
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        run_id = self.primary.start(run_name, params, tags)
+        try:
+            self.mirror.start(run_name, params, {**tags, "streamscore.primary_run_id": run_id,
+                                                 "streamscore.primary_tracking_uri": self.primary.tracking_uri})
+        except Exception as e:  # noqa: BLE001
+            log.warning("mirror tracking target %s unavailable, not mirroring this run: %s",
+                        self.mirror.tracking_uri, e)
+            self.mirror = None
+        return run_id
+
+    @property
+    def mirror_run_id(self) -> Optional[str]:
+        return self.mirror.run_id if self.mirror else None
+
+    def _both(self):
+        return [t for t in (self.primary, self.mirror) if t is not None]
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for t in self._both():
+            t.log_metrics(metrics, step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for t in self._both():
+            t.set_tags(tags)
+
+    def flush(self) -> bool:
+        return all([t.flush() for t in self._both()])
+
+    def finish(self, status: str, summary: Optional[dict] = None) -> None:
+        for t in self._both():
+            t.finish(status, summary)
+
+
+def make_tracker(settings, tracking_uri: str):
+    t = settings.tracking
+    primary = RunTracker(tracking_uri, t.experiment, t.buffer_max_entries)
+    if not t.mirror_uri:
+        return primary
+    if t.mirror_uri.startswith("azureml://"):
+        _check_azureml_plugin()
+    return MirroredTracker(primary, RunTracker(t.mirror_uri, t.experiment, t.buffer_max_entries))

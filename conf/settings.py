@@ -134,6 +134,7 @@ class TrackingSettings(_Section):
     request_max_retries: int = Field(1, ge=0)
     buffer_max_entries: int = Field(10000, ge=1)
     azure: AzureTarget = AzureTarget()
+    databricks_host: Optional[str] = None  # workspace URL for databricks:// targets (else the SDK's own config)
     mirror_uri: Optional[str] = None  # a second tracking target that gets the same params and metrics
 
     def effective_uri(self) -> str:

@@ -24,12 +24,15 @@ def configure_mlflow(settings) -> tuple[str, str]:
     t = settings.tracking
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(t.request_timeout_s)))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(t.request_max_retries))
+    uris = [t.effective_uri(), t.effective_registry_uri(), t.mirror_uri or ""]
+    if t.databricks_host and any(u.startswith("databricks") for u in uris):
+        os.environ["DATABRICKS_HOST"] = t.databricks_host
     if t.token is not None:
-        uri = t.effective_uri()
-        if uri.startswith("databricks"):
-            os.environ.setdefault("DATABRICKS_TOKEN", t.token.get_secret_value())
+        # handed to the client libraries through their own variables, never logged or printed
+        if any(u.startswith("databricks") for u in uris):
+            os.environ["DATABRICKS_TOKEN"] = t.token.get_secret_value()
         else:
-            os.environ.setdefault("MLFLOW_TRACKING_TOKEN", t.token.get_secret_value())
+            os.environ["MLFLOW_TRACKING_TOKEN"] = t.token.get_secret_value()
     tracking_uri = t.effective_uri()
     registry_uri = t.effective_registry_uri()
     if tracking_uri.startswith("azureml://"):
@@ -93,9 +96,12 @@ class RunTracker:
         if self.run_id is None:
             return
         self.flush()
-        try:
-            if summary is not None:
+        if summary is not None:
+            try:
                 self.client.log_text(self.run_id, json.dumps(summary, indent=2, default=str), "summary.json")
+            except Exception as e:  # noqa: BLE001
+                log.warning("could not store summary.json in run %s: %s", self.run_id, e)
+        try:
             self.client.set_terminated(self.run_id, status=status)
         except Exception as e:  # noqa: BLE001
             log.warning("could not close MLflow run %s (%s): %s", self.run_id, status, e)

@@ -70,3 +70,88 @@ def test_misconfigured_azure_target_stops_the_job_at_start_naming_the_key():
     assert proc.returncode == 2
     assert "tracking.azure.resource_group" in proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["status"] == "FAILED"
+
+
+class _Recorder:
+    """A local HTTP recorder standing in for a Databricks workspace's MLflow REST API."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.calls = []
+        rec = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n).decode() if n else ""
+                rec.calls.append((self.command, self.path, dict(self.headers), body))
+                path = self.path.split("?")[0]
+                info = {"run_id": "r1", "run_uuid": "r1", "experiment_id": "42", "start_time": 1,
+                        "lifecycle_stage": "active", "artifact_uri": "dbfs:/databricks/mlflow/42/r1/artifacts"}
+                if path.endswith("experiments/get-by-name"):
+                    resp = {"experiment": {"experiment_id": "42", "name": "/Shared/streamscore",
+                                           "lifecycle_stage": "active"}}
+                elif path.endswith("runs/create"):
+                    resp = {"run": {"info": {**info, "status": "RUNNING"}, "data": {}}}
+                elif path.endswith("runs/update"):
+                    resp = {"run_info": {**info, "status": json.loads(body).get("status", "RUNNING")}}
+                else:
+                    resp = {}
+                raw = json.dumps(resp).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            do_GET = do_POST = do_PATCH = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def mlflow_calls(self):
+        return [c for c in self.calls if "/api/2.0/mlflow/" in c[1]]
+
+
+def test_databricks_target_through_the_real_client(monkeypatch):
+    from streamscore.app import run_params
+    from streamscore.tracking import configure_mlflow, make_tracker
+
+    for var in ("DATABRICKS_HOST", "DATABRICKS_TOKEN", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.setenv(var, "")  # so that what configure_mlflow sets is undone after the test
+    monkeypatch.delenv("DATABRICKS_CONFIG_PROFILE", raising=False)
+    rec = _Recorder()
+    token = "dapi-test-secret-0123456789"
+    s = load_settings("databricks", overrides=[f"tracking.databricks_host={rec.url}", f"tracking.token={token}",
+                                               "tracking.registry_uri=databricks",
+                                               "tracking.experiment=/Shared/streamscore"])
+    import mlflow
+
+    try:
+        tracking_uri, _ = configure_mlflow(s)
+        tracker = make_tracker(s, tracking_uri)
+        run_id = tracker.start("db-run", run_params(s), {"streamscore.job": "test"})
+        tracker.log_metrics({"rows_in": 7, "rows_scored": 6}, step=0)
+        tracker.finish("FINISHED")
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    assert run_id == "r1"
+    calls = rec.mlflow_calls()
+    paths = [c[1].split("?")[0] for c in calls]
+    assert "/api/2.0/mlflow/runs/create" in paths and "/api/2.0/mlflow/runs/update" in paths
+    assert all(c[2].get("Authorization") == f"Bearer {token}" for c in calls)
+    assert all(token not in c[3] for c in rec.calls)  # the secret travels only in the header
+    params = [json.loads(c[3]) for c in calls if c[1].endswith("runs/log-batch") and '"params"' in c[3]]
+    logged = {p["key"]: p["value"] for batch in params for p in batch["params"]}
+    assert logged["model.ref"] == "@champion"
+    metrics = [m for c in calls if c[1].endswith("runs/log-batch") for m in json.loads(c[3]).get("metrics", [])]
+    assert {(m["key"], m["value"], m["step"]) for m in metrics} == {("rows_in", 7.0, 0), ("rows_scored", 6.0, 0)}
+    update = next(json.loads(c[3]) for c in calls if c[1].endswith("runs/update"))
+    assert update["status"] == "FINISHED"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs import bench, demo, models, produce, services, stream
+from jobs import backfill, bench, demo, models, produce, services, stream
 
 COMMANDS = {
     "stream": (stream, "continuous scoring of a Kafka topic or Delta table into Delta"),
+    "backfill": (backfill, "score a bounded Delta table or Kafka range with the same pipeline, idempotently"),
     "demo": (demo, "local services + demo model + stream with a live model swap"),
     "services": (services, "start/stop/status of the local Kafka broker and MLflow server"),
     "produce": (produce, "send demo events to Kafka"),

@@ -45,9 +45,15 @@ def read_kafka_stream(spark: SparkSession, kafka) -> DataFrame:
     return _kafka_columns(reader.load())
 
 
-def read_kafka_range(spark: SparkSession, kafka, starting: str, ending: str) -> DataFrame:
-    """Bounded Kafka read (backfill): offsets as Spark's JSON offset specs or earliest/latest."""
+def read_kafka_range(spark: SparkSession, kafka, starting: str, ending: str,
+                     starting_timestamp: Optional[int] = None, ending_timestamp: Optional[int] = None) -> DataFrame:
+    """Bounded Kafka read (backfill): offsets as Spark's JSON offset specs or earliest/latest, or
+    epoch-millisecond timestamps (which take precedence)."""
     opts = kafka_options(kafka) | {"startingOffsets": starting, "endingOffsets": ending}
+    if starting_timestamp is not None:
+        opts["startingTimestamp"] = str(starting_timestamp)
+    if ending_timestamp is not None:
+        opts["endingTimestamp"] = str(ending_timestamp)
     return _kafka_columns(spark.read.format("kafka").options(**opts).load())
 
 

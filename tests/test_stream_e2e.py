@@ -113,3 +113,28 @@ def test_replayed_batch_is_not_written_twice_and_keeps_its_version(spark, make_s
     assert len(out) == 180 and out["event_id"].is_unique  # ...and was not written twice
     assert len(_read(spark, s.dead_letter_path)) == 20
     assert v2 != v1
+
+
+def test_delta_table_source(spark, make_settings, tmp_path):
+    import datetime as dt
+
+    from streamscore.demo import iris_frame
+
+    X, _ = iris_frame()
+    src = X.head(60).copy()
+    src.insert(0, "event_id", [f"d-{i}" for i in range(60)])
+    src.insert(1, "event_time", [dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc).isoformat()] * 60)
+    src.loc[5, "petal_width"] = None  # a row the model cannot score: dead-lettered with the reason
+    path = str(tmp_path / "events_delta")
+    spark.createDataFrame(src).write.format("delta").save(path)
+    s = make_settings(source={"kind": "delta", "delta": {"path": path}}, trigger={"available_now": True})
+    v = train_and_register(s.model.name, "v1", alias="champion")
+
+    summary = run_stream(s)
+
+    assert (summary["rows_in"], summary["rows_scored"], summary["rows_dead_lettered"]) == (60, 59, 1)
+    out = _read(spark, s.output_path)
+    assert sorted(out["event_id"]) == sorted(f"d-{i}" for i in range(60) if i != 5)
+    assert out["source"].eq(path).all() and set(out["model_version"]) == {v}
+    dead = _read(spark, s.dead_letter_path)
+    assert "missing required field 'petal_width'" in dead["reason"][0] and '"d-5"' in dead["raw_value"][0]

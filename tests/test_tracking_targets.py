@@ -133,15 +133,16 @@ def test_databricks_target_through_the_real_client(monkeypatch):
                                                "tracking.experiment=/Shared/streamscore"])
     import mlflow
 
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     try:
         tracking_uri, _ = configure_mlflow(s)
         tracker = make_tracker(s, tracking_uri)
         run_id = tracker.start("db-run", run_params(s), {"streamscore.job": "test"})
         tracker.log_metrics({"rows_in": 7, "rows_scored": 6}, step=0)
         tracker.finish("FINISHED")
-    finally:
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
+    finally:  # set_tracking_uri also sets MLFLOW_TRACKING_URI: put both back for the other tests
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
     assert run_id == "r1"
     calls = rec.mlflow_calls()
     paths = [c[1].split("?")[0] for c in calls]

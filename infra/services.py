@@ -251,6 +251,9 @@ class MlflowService(Service):
         env = dict(os.environ)
         env.setdefault("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "http,https")
         env.setdefault("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "true")
+        # the server caches the webhook list per event (60 s by default): a webhook registered by a
+        # starting stream would miss alias moves for up to a minute
+        env.setdefault("MLFLOW_WEBHOOK_CACHE_TTL", "1")
         return env
 
     def healthy(self) -> bool:

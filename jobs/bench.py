@@ -72,7 +72,7 @@ def _run(args) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     from scoring.spec import spec_from_signature
-    from scoring.transform import score
+    from scoring.transform import as_events, score
     from scoring.udf import ModelHandle
     from streamscore.demo import FEATURES, iris_frame, make_event
     from streamscore.spark import build_spark
@@ -98,8 +98,7 @@ def _run(args) -> dict:
     events = (base.crossJoin(spark.range(reps).withColumnRenamed("id", "rep")).select("value")
               .repartition(spark.sparkContext.defaultParallelism).cache())
     n = events.count()
-    events = events.selectExpr("value", "'bench' AS source", "CAST(NULL AS INT) AS source_partition",
-                               "CAST(NULL AS BIGINT) AS source_offset", "CAST(NULL AS TIMESTAMP) AS source_timestamp")
+    events = as_events(events, "bench")
 
     handle = ModelHandle("bench", "1", "", str(path), "bench-model")
 

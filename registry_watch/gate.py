@@ -121,13 +121,9 @@ class ValidationGate:
             bad = out[~out["ok"]]
             reasons = list(bad["reason"])
         else:
-            from scoring.transform import score
+            from scoring.transform import as_events, score
 
-            df = self.spark.createDataFrame([(s,) for s in sample], "value string")
-            df = df.selectExpr(
-                "value", "'validation-gate' AS source", "CAST(NULL AS INT) AS source_partition",
-                "CAST(NULL AS BIGINT) AS source_offset", "CAST(NULL AS TIMESTAMP) AS source_timestamp",
-            )
+            df = as_events(self.spark.createDataFrame([(s,) for s in sample], "value string"), "validation-gate")
             parts = max(1, self.spark.sparkContext.defaultParallelism)
             rows = score(df.repartition(parts), handle, spec, -1).select("ok", "reason").collect()
             reasons = [r.reason for r in rows if not r.ok]

@@ -58,14 +58,10 @@ def read_kafka_range(spark: SparkSession, kafka, starting: str, ending: str,
 
 
 def _delta_columns(df: DataFrame, path: str) -> DataFrame:
-    payload = [c for c in df.columns]
-    return df.select(
-        F.to_json(F.struct(*[F.col(f"`{c}`") for c in payload])).alias("value"),
-        F.lit(path).alias("source"),
-        F.lit(None).cast("int").alias("source_partition"),
-        F.lit(None).cast("bigint").alias("source_offset"),
-        F.lit(None).cast("timestamp").alias("source_timestamp"),
-    )
+    """Each row becomes a JSON event; the table path is its coordinate."""
+    from scoring.transform import as_events
+
+    return as_events(df.select(F.to_json(F.struct(*[F.col(f"`{c}`") for c in df.columns])).alias("value")), path)
 
 
 def read_delta_stream(spark: SparkSession, delta) -> DataFrame:

@@ -34,6 +34,23 @@ def score(events: DataFrame, handle: ModelHandle, spec: InputSpec, batch_id: int
     )
 
 
+def as_events(values: DataFrame, source: str) -> DataFrame:
+    """A frame with a ``value`` column as a source would give it (no coordinates): for samples and benchmarks."""
+    return values.select(
+        "value",
+        F.lit(source).alias("source"),
+        F.lit(None).cast("int").alias("source_partition"),
+        F.lit(None).cast("bigint").alias("source_offset"),
+        F.lit(None).cast("timestamp").alias("source_timestamp"),
+    )
+
+
+def count_outcomes(results: DataFrame) -> tuple[int, int]:
+    """(rows scored, rows dead-lettered) of a scored frame, in one job."""
+    counts = {r["ok"]: r["count"] for r in results.groupBy("ok").count().collect()}
+    return counts.get(True, 0), counts.get(False, 0)
+
+
 def scored_rows(results: DataFrame, spec: InputSpec) -> DataFrame:
     cols = ["event_id", "event_time", *[f"`{n}`" for n in spec.feature_names], "prediction", *LINEAGE, *COORDINATES]
     return results.where("ok").select(*cols)

@@ -26,7 +26,8 @@ from pyspark.sql import functions as F
 from registry_watch.gate import Refused, ValidationGate
 from registry_watch.resolve import ModelRef, resolve_version
 from scoring import io as sio
-from scoring.transform import DEAD_LETTER_DDL, dead_letter_rows, output_schema_ddl, score, scored_rows
+from scoring.transform import (DEAD_LETTER_DDL, count_outcomes, dead_letter_rows, output_schema_ddl, score,
+                               scored_rows)
 from scoring.udf import make_score_udf
 from streamscore.spark import build_spark
 from streamscore.tracking import configure_mlflow, make_tracker
@@ -98,8 +99,7 @@ def run_backfill(settings, input_desc: dict, model_ref: Optional[str] = None, ba
             results = score(part, handle, spec, chunk).withColumn("backfill_id", F.lit(bf_id))
             results = results.persist(StorageLevel.MEMORY_AND_DISK)
             try:
-                counts = {r["ok"]: r["count"] for r in results.groupBy("ok").count().collect()}
-                scored, dead = counts.get(True, 0), counts.get(False, 0)
+                scored, dead = count_outcomes(results)
                 mode = "overwrite" if chunk == 0 else "append"
                 for df, path in ((scored_rows(results, spec).withColumn("backfill_id", F.lit(bf_id)), out_path),
                                  (dead_letter_rows(results).withColumn("backfill_id", F.lit(bf_id)), dead_path)):

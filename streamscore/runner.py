@@ -18,7 +18,8 @@ from typing import Optional
 from pyspark import StorageLevel
 
 from scoring import io as sio
-from scoring.transform import DEAD_LETTER_DDL, dead_letter_rows, output_schema_ddl, score, scored_rows
+from scoring.transform import (DEAD_LETTER_DDL, count_outcomes, dead_letter_rows, output_schema_ddl, score,
+                               scored_rows)
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,7 @@ class BatchProcessor:
         results = score(batch_df, handle, self.watcher.spec, batch_id).persist(StorageLevel.MEMORY_AND_DISK)
         try:
             t_score = time.time()
-            counts = {r["ok"]: r["count"] for r in results.groupBy("ok").count().collect()}
-            scored, dead = counts.get(True, 0), counts.get(False, 0)
+            scored, dead = count_outcomes(results)
             rows_in = scored + dead
             t_write = time.time()
             if scored:

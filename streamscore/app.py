@@ -24,13 +24,17 @@ def ledger_path(settings) -> Path:
     return Path(cp) / "streamscore" / "batch_versions.jsonl"
 
 
-def build_watcher(settings, spark, client, recent_sample=None, tracker: Optional[RunTracker] = None):
-    ref = ModelRef.parse(settings.model.ref)
-    gate = ValidationGate(
+def build_gate(settings, spark, client, recent_sample=None) -> ValidationGate:
+    return ValidationGate(
         client, settings.home / "models", settings.source.event_id_field, settings.source.event_time_field,
         spark=spark, required_tag=settings.watch.required_tag, sample_rows=settings.watch.sample_rows,
         recent_sample=recent_sample,
     )
+
+
+def build_watcher(settings, spark, client, recent_sample=None, tracker: Optional[RunTracker] = None):
+    ref = ModelRef.parse(settings.model.ref)
+    gate = build_gate(settings, spark, client, recent_sample)
 
     def on_swap(ev: SwapEvent) -> None:
         if tracker is None:

@@ -23,12 +23,13 @@ from typing import Optional
 from pyspark import StorageLevel
 from pyspark.sql import functions as F
 
-from registry_watch.gate import Refused, ValidationGate
+from registry_watch.gate import Refused
 from registry_watch.resolve import ModelRef, resolve_version
 from scoring import io as sio
 from scoring.transform import (DEAD_LETTER_DDL, count_outcomes, dead_letter_rows, output_schema_ddl, score,
                                scored_rows)
 from scoring.udf import make_score_udf
+from streamscore.app import build_gate
 from streamscore.spark import build_spark
 from streamscore.tracking import configure_mlflow, make_tracker
 
@@ -59,9 +60,7 @@ def run_backfill(settings, input_desc: dict, model_ref: Optional[str] = None, ba
     tracking_uri, registry_uri = configure_mlflow(settings)
     spark = build_spark(settings)
     client = MlflowClient(tracking_uri, registry_uri)
-    src = settings.source
-    gate = ValidationGate(client, settings.home / "models", src.event_id_field, src.event_time_field, spark=spark,
-                          required_tag=settings.watch.required_tag, sample_rows=settings.watch.sample_rows)
+    gate = build_gate(settings, spark, client)
     ref = ModelRef.parse(model_ref or settings.model.ref)
     mv = resolve_version(client, settings.model.name, ref)
     try:
@@ -96,8 +95,7 @@ def run_backfill(settings, input_desc: dict, model_ref: Optional[str] = None, ba
         for chunk in range(chunks):
             tc = time.time()
             part = events.where(F.col("_chunk") == chunk).drop("_chunk")
-            results = score(part, handle, spec, chunk).withColumn("backfill_id", F.lit(bf_id))
-            results = results.persist(StorageLevel.MEMORY_AND_DISK)
+            results = score(part, handle, spec, chunk).persist(StorageLevel.MEMORY_AND_DISK)
             try:
                 scored, dead = count_outcomes(results)
                 mode = "overwrite" if chunk == 0 else "append"

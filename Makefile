@@ -1,10 +1,14 @@
 # streamscore: the two Quick start commands are `make demo` and `make test`.
+SHELL := /bin/bash
 PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 export PYSPARK_PYTHON := $(abspath $(BIN)/python)
+# mypy cannot follow the package-dir mapping of an editable install: it checks a staged copy of
+# the package as it is installed (streamscore/ with jobs/, scoring/, ... as subpackages).
+TYPECHECK := build/typecheck
 
-.PHONY: setup demo test unit services-stop bench clean
+.PHONY: setup demo test unit lint typecheck services-stop clean
 
 $(BIN)/streamscore: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,20 +17,34 @@ $(BIN)/streamscore: pyproject.toml
 	touch $(BIN)/streamscore
 
 setup: $(BIN)/streamscore  ## install Python deps into .venv and resolve the JVM jars once
-	$(BIN)/python -c "from pathlib import Path; from infra import jars; jars.ensure_spark_jars(Path('.')); jars.ensure_kafka_jars(Path('.'))"
+	$(BIN)/streamscore services jars >/dev/null
 
 demo: setup  ## start Kafka + MLflow, register the demo model, stream-score with a live model swap
 	$(BIN)/streamscore demo
 
-test: setup  ## the whole test suite against real Kafka, Spark, Delta and MLflow (started by fixtures)
+test: setup lint  ## lint, then the whole test suite against real Kafka, Spark, Delta and MLflow (started by fixtures)
 	$(BIN)/python -m pytest
 
 unit: $(BIN)/streamscore
 	$(BIN)/python -m pytest -m "not integration"
+
+lint: $(BIN)/streamscore  ## ruff (lint + format check) and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(MAKE) --no-print-directory typecheck
+
+typecheck: $(BIN)/streamscore
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/streamscore
+	cp streamscore/*.py $(TYPECHECK)/streamscore/
+	for d in jobs scoring registry_watch conf infra; do cp -r $$d $(TYPECHECK)/streamscore/$$d; done
+	cd $(TYPECHECK) && $(abspath $(BIN)/mypy) --config-file $(abspath pyproject.toml) \
+	    -p streamscore \
+	    | sed -e 's#^streamscore/\(jobs\|scoring\|registry_watch\|conf\|infra\)/#\1/#' -e 's#^streamscore/#streamscore/#'; \
+	    exit $${PIPESTATUS[0]}
 
 services-stop:
 	$(BIN)/streamscore services stop
 
 clean:
 	-$(BIN)/streamscore services stop
-	rm -rf .streamscore
+	rm -rf .streamscore build

@@ -11,18 +11,27 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from streamscore.errors import ConfigError
+
+__all__ = ["ConfigError", "Settings", "load_settings", "parse_overrides"]
 
 CONF_DIR = Path(__file__).resolve().parent
 ENV_PREFIX = "STREAMSCORE_"
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the offending key(s)."""
 
 
 class _Section(BaseModel):
@@ -32,11 +41,11 @@ class _Section(BaseModel):
 class AppSettings(_Section):
     home: Path = Path(".streamscore")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    run_name: Optional[str] = None
+    run_name: str | None = None
 
 
 class SparkSettings(_Section):
-    master: Optional[str] = "local[*]"
+    master: str | None = "local[*]"
     app_name: str = "streamscore"
     shuffle_partitions: int = Field(2, ge=1)
     conf: dict[str, str] = {}
@@ -47,16 +56,16 @@ class KafkaSource(_Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     topic: str = "streamscore-events"
     starting_offsets: str = "earliest"
-    max_offsets_per_trigger: Optional[int] = Field(50000, ge=1)
+    max_offsets_per_trigger: int | None = Field(50000, ge=1)
     fail_on_data_loss: bool = True
     options: dict[str, str] = {}
-    sasl_username: Optional[str] = None
-    sasl_password: Optional[SecretStr] = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
 
 
 class DeltaSource(_Section):
-    path: Optional[str] = None
-    max_files_per_trigger: Optional[int] = Field(None, ge=1)
+    path: str | None = None
+    max_files_per_trigger: int | None = Field(None, ge=1)
 
 
 class SourceSettings(_Section):
@@ -67,7 +76,7 @@ class SourceSettings(_Section):
     delta: DeltaSource = DeltaSource()
 
     @model_validator(mode="after")
-    def _delta_needs_path(self) -> "SourceSettings":
+    def _delta_needs_path(self) -> SourceSettings:
         if self.kind == "delta" and not self.delta.path:
             raise ValueError("source.delta.path is required when source.kind is 'delta'")
         return self
@@ -77,18 +86,18 @@ class SinkSettings(_Section):
     output_path: str = "tables/scored"
     dead_letter_path: str = "tables/dead_letter"
     checkpoint_path: str = "checkpoints/stream"
-    app_id: Optional[str] = None
+    app_id: str | None = None
 
 
 class TriggerSettings(_Section):
-    processing_time: Optional[str] = "5 seconds"
+    processing_time: str | None = "5 seconds"
     available_now: bool = False
-    max_batches: Optional[int] = Field(None, ge=1)
-    idle_timeout_s: Optional[float] = Field(None, gt=0)
+    max_batches: int | None = Field(None, ge=1)
+    idle_timeout_s: float | None = Field(None, gt=0)
 
     @field_validator("processing_time")
     @classmethod
-    def _interval(cls, v: Optional[str]) -> Optional[str]:
+    def _interval(cls, v: str | None) -> str | None:
         if v is None:
             return v
         parts = v.split()
@@ -98,16 +107,28 @@ class TriggerSettings(_Section):
         return v
 
 
+def _model_ref(v: str | None) -> str | None:
+    """A model reference must parse (``@alias``, ``stage:<Stage>``, ``latest``, a version)."""
+    if v is not None:
+        from streamscore.registry_watch.resolve import ModelRef
+
+        ModelRef.parse(v)
+    return v
+
+
+ModelRefText = Annotated[str, AfterValidator(_model_ref)]
+
+
 class ModelSettings(_Section):
     name: str = "streamscore-iris"
-    ref: str = "@champion"
+    ref: ModelRefText = "@champion"
 
 
 class AzureTarget(_Section):
-    subscription_id: Optional[str] = None
-    resource_group: Optional[str] = None
-    workspace: Optional[str] = None
-    region: Optional[str] = None
+    subscription_id: str | None = None
+    resource_group: str | None = None
+    workspace: str | None = None
+    region: str | None = None
 
     def is_set(self) -> bool:
         return any([self.subscription_id, self.resource_group, self.workspace, self.region])
@@ -126,16 +147,16 @@ class AzureTarget(_Section):
 
 
 class TrackingSettings(_Section):
-    uri: Optional[str] = "http://127.0.0.1:5055"
-    registry_uri: Optional[str] = None
+    uri: str | None = "http://127.0.0.1:5055"
+    registry_uri: str | None = None
     experiment: str = "streamscore"
-    token: Optional[SecretStr] = None
+    token: SecretStr | None = None
     request_timeout_s: float = Field(10, gt=0)
     request_max_retries: int = Field(1, ge=0)
     buffer_max_entries: int = Field(10000, ge=1)
     azure: AzureTarget = AzureTarget()
-    databricks_host: Optional[str] = None  # workspace URL for databricks:// targets (else the SDK's own config)
-    mirror_uri: Optional[str] = None  # a second tracking target that gets the same params and metrics
+    databricks_host: str | None = None  # workspace URL for databricks:// targets (else the SDK's own config)
+    mirror_uri: str | None = None  # a second tracking target that gets the same params and metrics
 
     def effective_uri(self) -> str:
         if self.uri:
@@ -152,12 +173,12 @@ class WebhookSettings(_Section):
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)  # 0: any free port
-    secret: Optional[SecretStr] = None
+    secret: SecretStr | None = None
     max_age_s: float = Field(300, gt=0)
     register_on_server: bool = True  # create the webhook on the MLflow server at start (removed at stop)
 
     @model_validator(mode="after")
-    def _secret(self) -> "WebhookSettings":
+    def _secret(self) -> WebhookSettings:
         if self.enabled and self.secret is None:
             raise ValueError("watch.webhook.secret is required when watch.webhook.enabled is true")
         return self
@@ -167,14 +188,14 @@ class WatchSettings(_Section):
     enabled: bool = True
     poll_interval_s: float = Field(5, gt=0)
     background_thread: bool = True
-    required_tag: Optional[str] = None
+    required_tag: str | None = None
     retry_refused_after_s: float = Field(600, ge=0)
     sample_rows: int = Field(20, ge=1)
     webhook: WebhookSettings = WebhookSettings()
 
     @field_validator("required_tag")
     @classmethod
-    def _tag(cls, v: Optional[str]) -> Optional[str]:
+    def _tag(cls, v: str | None) -> str | None:
         if v is not None and "=" not in v:
             raise ValueError(f"expected 'key=value', got {v!r}")
         return v
@@ -196,7 +217,14 @@ class Settings(BaseSettings):
     watch: WatchSettings = WatchSettings()
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         # init kwargs carry the YAML layers; the environment overrides them. CLI --set is applied
         # into the YAML layers' top (see load_settings) but must still beat the environment, so it
         # comes in through _CliSource.
@@ -241,7 +269,7 @@ _CLI_OVERRIDES: dict[str, Any] = {}
 
 
 class _CliSource(PydanticBaseSettingsSource):
-    def get_field_value(self, field, field_name):  # pragma: no cover - not used, __call__ is
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
@@ -295,9 +323,9 @@ def _format_errors(err: ValidationError) -> str:
 
 
 def load_settings(
-    profile: Optional[str] = None,
-    config_file: Optional[str | Path] = None,
-    overrides: Optional[list[str] | dict] = None,
+    profile: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | dict | None = None,
 ) -> Settings:
     profile = profile or os.environ.get(ENV_PREFIX + "PROFILE") or "local"
     layers = _read_yaml(CONF_DIR / "defaults.yaml")
@@ -320,3 +348,59 @@ def load_settings(
         raise ConfigError(_format_errors(e)) from None
     finally:
         _CLI_OVERRIDES.clear()
+
+
+# -- backfill: one request object, validated like the settings -------------------------------------
+
+_BACKFILL_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class DeltaSlice(_Section):
+    """A Delta table, optionally time-travelled (``version`` or ``timestamp``) and filtered."""
+
+    kind: Literal["delta"] = "delta"
+    path: str
+    version: int | None = Field(None, ge=0)
+    timestamp: str | None = None
+    where: str | None = None
+
+    @model_validator(mode="after")
+    def _one_time_travel(self) -> DeltaSlice:
+        if self.version is not None and self.timestamp is not None:
+            raise ValueError("give either --as-of-version or --as-of-timestamp, not both")
+        return self
+
+
+class KafkaRange(_Section):
+    """A bounded range of the configured Kafka topic: Spark offset specs (``earliest``,
+    ``latest`` or JSON such as ``{"topic":{"0":10}}``; end exclusive), or epoch-ms timestamps,
+    which take precedence."""
+
+    kind: Literal["kafka"] = "kafka"
+    starting: str = "earliest"
+    ending: str = "latest"
+    starting_timestamp: int | None = Field(None, ge=0)
+    ending_timestamp: int | None = Field(None, ge=0)
+
+
+BackfillInput = Annotated[DeltaSlice | KafkaRange, Field(discriminator="kind")]
+
+
+class BackfillRequest(_Section):
+    """Everything one backfill run needs besides the settings."""
+
+    input: BackfillInput
+    model_ref: ModelRefText | None = None  # default: model.ref
+    backfill_id: str | None = Field(None, pattern=_BACKFILL_ID)  # default: derived from input + version
+    compare_with: ModelRefText | None = None
+    chunks: int = Field(4, ge=1, le=10_000)
+    output_path: str | None = None  # default: <home>/tables/backfill
+    dead_letter_path: str | None = None  # default: <home>/tables/backfill_dead_letter
+
+    @classmethod
+    def of(cls, **values: Any) -> BackfillRequest:
+        """Validate, turning errors into a :class:`ConfigError` that names the option."""
+        try:
+            return cls(**values)
+        except ValidationError as e:
+            raise ConfigError(_format_errors(e).replace("invalid configuration", "invalid backfill request")) from None

@@ -62,13 +62,18 @@ def spark_artifacts() -> list[Artifact]:
 
     spark_version = pyspark.__version__
     connector_version = os.environ.get("STREAMSCORE_KAFKA_CONNECTOR_VERSION") or CONNECTOR_OVERRIDES.get(
-        spark_version, spark_version)
+        spark_version, spark_version
+    )
     delta_version = metadata.version("delta-spark")
     spark_minor = ".".join(spark_version.split(".")[:2])
     token_provider = f"spark-token-provider-kafka-0-10_{SCALA_BINARY}"
     return [
-        Artifact("org.apache.spark", f"spark-sql-kafka-0-10_{SCALA_BINARY}", connector_version,
-                 exclusions=(f"org.apache.spark:{token_provider}",)),
+        Artifact(
+            "org.apache.spark",
+            f"spark-sql-kafka-0-10_{SCALA_BINARY}",
+            connector_version,
+            exclusions=(f"org.apache.spark:{token_provider}",),
+        ),
         Artifact("org.apache.spark", token_provider, spark_version),
         Artifact("io.delta", f"delta-spark_{spark_minor}_{SCALA_BINARY}", delta_version),
     ]
@@ -146,7 +151,7 @@ def resolve(name: str, artifacts: list[Artifact], dest: Path, skip_present_in_py
         return dest
     mvn = shutil.which("mvn")
     if mvn is None:
-        raise RuntimeError("Maven ('mvn') is needed once to resolve the %s jars into %s" % (name, dest))
+        raise RuntimeError(f"Maven ('mvn') is needed once to resolve the {name} jars into {dest}")
     log.info("resolving %s jars from Maven Central: %s", name, ", ".join(wanted))
     with tempfile.TemporaryDirectory(prefix=f"streamscore-{name}-") as tmp:
         pom = Path(tmp) / "pom.xml"
@@ -159,8 +164,17 @@ def resolve(name: str, artifacts: list[Artifact], dest: Path, skip_present_in_py
             settings = str(Path(tmp) / "settings.xml")
             Path(settings).write_text(_MAVEN_SETTINGS)
         cmd = [
-            mvn, "-q", "-B", "-U", "-s", settings, "-f", str(pom), "dependency:copy-dependencies",
-            f"-DoutputDirectory={staging}", "-DincludeScope=runtime",
+            mvn,
+            "-q",
+            "-B",
+            "-U",
+            "-s",
+            settings,
+            "-f",
+            str(pom),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={staging}",
+            "-DincludeScope=runtime",
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

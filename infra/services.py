@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra import jars
+from streamscore.infra import jars
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +102,19 @@ class Service:
         if pid and self.healthy():
             return self.status() | {"action": "already running"}
         if pid is None and port_open(self.port):
-            raise RuntimeError(
-                f"{self.name}: port {self.port} is taken by another process; choose another port"
-            )
+            raise RuntimeError(f"{self.name}: port {self.port} is taken by another process; choose another port")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.prepare()
         if pid is None:
             with open(self.log_file, "ab") as logf:
                 proc = subprocess.Popen(
-                    self.command(), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env=self.env(), cwd=self.dir, start_new_session=True,
+                    self.command(),
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=self.env(),
+                    cwd=self.dir,
+                    start_new_session=True,
                 )
             self.pid_file.write_text(str(proc.pid))
             pid = proc.pid
@@ -168,33 +171,34 @@ class KafkaService(Service):
     def _java(self) -> list[str]:
         java = os.path.join(os.environ["JAVA_HOME"], "bin", "java") if os.environ.get("JAVA_HOME") else "java"
         cp = str(jars.ensure_kafka_jars(self.home)) + "/*"
-        return [java, "-Xms256m", "-Xmx512m", f"-Dlog4j2.configurationFile={self.dir / 'log4j2.properties'}",
-                "-cp", cp]
+        return [java, "-Xms256m", "-Xmx512m", f"-Dlog4j2.configurationFile={self.dir / 'log4j2.properties'}", "-cp", cp]
 
     def prepare(self) -> None:
         data = self.dir / "data"
         props = self.dir / "server.properties"
         props.write_text(
-            "\n".join([
-                "process.roles=broker,controller",
-                "node.id=1",
-                f"controller.quorum.bootstrap.servers=127.0.0.1:{self.controller_port}",
-                f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
-                "controller.listener.names=CONTROLLER",
-                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
-                "inter.broker.listener.name=PLAINTEXT",
-                f"log.dirs={data}",
-                "num.partitions=2",
-                "offsets.topic.replication.factor=1",
-                "transaction.state.log.replication.factor=1",
-                "transaction.state.log.min.isr=1",
-                "share.coordinator.state.topic.replication.factor=1",
-                "share.coordinator.state.topic.min.isr=1",
-                "group.initial.rebalance.delay.ms=0",
-                "auto.create.topics.enable=true",
-                "",
-            ])
+            "\n".join(
+                [
+                    "process.roles=broker,controller",
+                    "node.id=1",
+                    f"controller.quorum.bootstrap.servers=127.0.0.1:{self.controller_port}",
+                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                    "controller.listener.names=CONTROLLER",
+                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                    "inter.broker.listener.name=PLAINTEXT",
+                    f"log.dirs={data}",
+                    "num.partitions=2",
+                    "offsets.topic.replication.factor=1",
+                    "transaction.state.log.replication.factor=1",
+                    "transaction.state.log.min.isr=1",
+                    "share.coordinator.state.topic.replication.factor=1",
+                    "share.coordinator.state.topic.min.isr=1",
+                    "group.initial.rebalance.delay.ms=0",
+                    "auto.create.topics.enable=true",
+                    "",
+                ]
+            )
         )
         (self.dir / "log4j2.properties").write_text(
             "rootLogger.level=WARN\nrootLogger.appenderRef.stdout.ref=STDOUT\n"
@@ -203,13 +207,21 @@ class KafkaService(Service):
             "logger.kafka.name=kafka\nlogger.kafka.level=INFO\n"
         )
         if not (data / "meta.properties").exists():
-            cluster_id = subprocess.run(
-                self._java() + ["kafka.tools.StorageTool", "random-uuid"], capture_output=True, text=True, check=True
-            ).stdout.strip().splitlines()[-1]
+            cluster_id = (
+                subprocess.run(
+                    self._java() + ["kafka.tools.StorageTool", "random-uuid"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             proc = subprocess.run(
-                self._java() + ["kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id,
-                                "-c", str(props)],
-                capture_output=True, text=True,
+                self._java()
+                + ["kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id, "-c", str(props)],
+                capture_output=True,
+                text=True,
             )
             if proc.returncode != 0:
                 raise RuntimeError(f"kafka storage format failed:\n{proc.stdout}\n{proc.stderr}")
@@ -225,7 +237,7 @@ class KafkaService(Service):
         try:
             md = AdminClient({"bootstrap.servers": self.address}).list_topics(timeout=3)
             return bool(md.brokers)
-        except Exception:
+        except Exception:  # noqa: BLE001 - unhealthy, whatever the cause
             return False
 
 
@@ -242,13 +254,24 @@ class MlflowService(Service):
     def command(self) -> list[str]:
         mlflow = Path(sys.executable).with_name("mlflow")
         return [
-            str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{self.dir / 'mlflow.db'}",
-            "--artifacts-destination", str(self.dir / "artifacts"),
+            str(mlflow),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.dir / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.dir / "artifacts"),
         ]
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
+        env.pop("MLFLOW_CONFIGURE_LOGGING", None)  # the server's own log lines go to its log file
+        env.pop("MLFLOW_TRACKING_URI", None)
         env.setdefault("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "http,https")
         env.setdefault("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "true")
         # the server caches the webhook list per event (60 s by default): a webhook registered by a
@@ -260,7 +283,7 @@ class MlflowService(Service):
         try:
             with urllib.request.urlopen(self.address + "/health", timeout=2) as r:
                 return r.status == 200
-        except Exception:
+        except Exception:  # noqa: BLE001 - unhealthy, whatever the cause
             return False
 
 

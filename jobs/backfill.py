@@ -11,13 +11,15 @@ second version and reports agreement and the prediction distribution shift to ML
 from __future__ import annotations
 
 import argparse
-import json
+from collections.abc import Sequence
+from typing import Any
 
-from jobs.common import add_settings_args, run_job, settings_from, setup_logging
+from streamscore.conf.settings import BackfillRequest
+from streamscore.jobs.common import ArgumentParser, Summary, add_settings_args, prepare, run_command
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="streamscore backfill", description=__doc__)
+    p = p or ArgumentParser(prog="streamscore backfill", description=__doc__)
     add_settings_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--delta", metavar="PATH", help="Delta table to score")
@@ -30,7 +32,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--starting-timestamp", type=int, help="Kafka: start at this epoch-ms timestamp")
     p.add_argument("--ending-timestamp", type=int, help="Kafka: end at this epoch-ms timestamp")
     p.add_argument("--model-ref", help="@alias, stage:<Stage>, latest or a version (default: model.ref)")
-    p.add_argument("--backfill-id", help="name of this run's output slice (default: derived)")
+    p.add_argument("--backfill-id", help="name of this run's output slice (letters, digits, . _ -; default: derived)")
     p.add_argument("--compare-with", metavar="REF", help="second version/alias to compare predictions with")
     p.add_argument("--chunks", type=int, default=4, help="score the input in this many chunks (default 4)")
     p.add_argument("--output", help="output Delta table (default <home>/tables/backfill)")
@@ -38,34 +40,44 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     return p
 
 
-def input_from_args(args) -> dict:
+def request_from_args(args: argparse.Namespace) -> BackfillRequest:
+    inp: dict[str, Any]
     if args.delta:
-        d = {"kind": "delta", "path": args.delta}
-        for key, value in (("version", args.as_of_version), ("timestamp", args.as_of_timestamp),
-                           ("where", args.where)):
-            if value is not None:
-                d[key] = value
-        return d
-    d = {"kind": "kafka", "starting": args.starting_offsets, "ending": args.ending_offsets}
-    if args.starting_timestamp is not None or args.ending_timestamp is not None:
-        d["starting_timestamp"], d["ending_timestamp"] = args.starting_timestamp, args.ending_timestamp
-    return d
+        inp = {
+            "kind": "delta",
+            "path": args.delta,
+            "version": args.as_of_version,
+            "timestamp": args.as_of_timestamp,
+            "where": args.where,
+        }
+    else:
+        inp = {
+            "kind": "kafka",
+            "starting": args.starting_offsets,
+            "ending": args.ending_offsets,
+            "starting_timestamp": args.starting_timestamp,
+            "ending_timestamp": args.ending_timestamp,
+        }
+    return BackfillRequest.of(
+        input=inp,
+        model_ref=args.model_ref,
+        backfill_id=args.backfill_id,
+        compare_with=args.compare_with,
+        chunks=args.chunks,
+        output_path=args.output,
+        dead_letter_path=args.dead_letter,
+    )
 
 
-def _run(args) -> dict:
+def _run(args: argparse.Namespace) -> Summary:
     from streamscore.backfill import run_backfill
 
-    settings = settings_from(args)
-    setup_logging(settings.app.log_level)
-    if args.chunks < 1:
-        raise SystemExit("--chunks must be at least 1")
-    return run_backfill(settings, input_from_args(args), args.model_ref, args.backfill_id, args.compare_with,
-                        args.chunks, args.output, args.dead_letter)
+    request = request_from_args(args)  # a bad option stops here, before Spark starts
+    return run_backfill(prepare(args, "backfill"), request)
 
 
-def main(argv=None) -> int:
-    setup_logging()
-    return run_job(_run, build_parser().parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("backfill", build_parser, _run, argv)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,14 @@ import argparse
 import os
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from jobs.common import add_settings_args, run_job, settings_from, setup_logging
+from streamscore.jobs.common import ArgumentParser, Summary, add_settings_args, prepare, run_command
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="streamscore bench", description=__doc__)
+    p = p or ArgumentParser(prog="streamscore bench", description=__doc__)
     add_settings_args(p)
     p.add_argument("--rows", type=int, default=300_000, help="events per throughput pass (default 300000)")
     p.add_argument("--repeat", type=int, default=2, help="passes per path; the best is reported (default 2)")
@@ -55,7 +56,7 @@ def _python_workers_rss_mb() -> float:
     return total
 
 
-def _time(fn, repeat: int) -> float:
+def _time(fn: Callable[[], None], repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -64,21 +65,20 @@ def _time(fn, repeat: int) -> float:
     return best
 
 
-def _run(args) -> dict:
+def _run(args: argparse.Namespace) -> Summary:
     import mlflow
     import mlflow.sklearn
     from mlflow.models import infer_signature
     from pyspark.sql import functions as F
     from sklearn.linear_model import LogisticRegression
 
-    from scoring.spec import spec_from_signature
-    from scoring.transform import as_events, score
-    from scoring.udf import ModelHandle
     from streamscore.demo import FEATURES, iris_frame, make_event
+    from streamscore.scoring.spec import spec_from_signature
+    from streamscore.scoring.transform import as_events, score
+    from streamscore.scoring.udf import ModelHandle
     from streamscore.spark import build_spark
 
-    settings = settings_from(args, [f"spark.master={args.master}"])
-    setup_logging(settings.app.log_level)
+    settings = prepare(args, "bench", [f"spark.master={args.master}"])
     spark = build_spark(settings)
     X, y = iris_frame()
     model = LogisticRegression(max_iter=500).fit(X, y)
@@ -95,20 +95,24 @@ def _run(args) -> dict:
     payloads = [(make_event(i, "b", rows[i % 150], now).decode(),) for i in range(min(args.rows, 20_000))]
     base = spark.createDataFrame(payloads, "value string")
     reps = max(1, args.rows // len(payloads))
-    events = (base.crossJoin(spark.range(reps).withColumnRenamed("id", "rep")).select("value")
-              .repartition(spark.sparkContext.defaultParallelism).cache())
+    events = (
+        base.crossJoin(spark.range(reps).withColumnRenamed("id", "rep"))
+        .select("value")
+        .repartition(spark.sparkContext.defaultParallelism)
+        .cache()
+    )
     n = events.count()
     events = as_events(events, "bench")
 
     handle = ModelHandle("bench", "1", "", str(path), "bench-model")
 
-    def ours():
+    def ours() -> None:
         assert score(events, handle, spec, 0).where("ok").count() == n
 
     schema = "struct<event_id:string,event_time:string," + ",".join(f"{f}:double" for f in FEATURES) + ">"
     mlflow_udf = mlflow.pyfunc.spark_udf(spark, str(path), result_type="long", env_manager="local")
 
-    def theirs():
+    def theirs() -> None:
         parsed = events.select(F.from_json("value", schema).alias("e")).select("e.*")
         out = parsed.select(mlflow_udf(*[F.col(f) for f in FEATURES]).alias("prediction"))
         assert out.where("prediction IS NOT NULL").count() == n
@@ -129,8 +133,12 @@ def _run(args) -> dict:
     driver_after, workers_after = _rss_mb(os.getpid()), _python_workers_rss_mb()
     spark.stop()
     return {
-        "job": "bench", "status": "OK", "rows": n, "master": args.master,
-        "streamscore_rows_per_s": round(n / t_ours), "spark_udf_rows_per_s": round(n / t_theirs),
+        "job": "bench",
+        "status": "OK",
+        "rows": n,
+        "master": args.master,
+        "streamscore_rows_per_s": round(n / t_ours),
+        "spark_udf_rows_per_s": round(n / t_theirs),
         "speedup_vs_spark_udf": round(t_theirs / t_ours, 2),
         "note": "streamscore also validates every field and routes bad rows; spark_udf does not",
         "swaps": args.swaps,
@@ -139,6 +147,5 @@ def _run(args) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    setup_logging()
-    return run_job(_run, build_parser().parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("bench", build_parser, _run, argv)

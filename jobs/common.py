@@ -1,4 +1,10 @@
-"""Argument parsing, logging and the one-line JSON summary shared by the job entry points."""
+"""What every command shares: its argument parser (errors become a usage error, exit 2), the
+settings arguments, logging set-up, and the contract of the last stdout line: one JSON summary,
+whatever the exit path.
+
+Exit codes: 0 done (FINISHED, OK, or KILLED: stopped by a signal after its current batch), 1 failed,
+2 usage or configuration error (the message names the option or key).
+"""
 
 from __future__ import annotations
 
@@ -7,54 +13,96 @@ import json
 import logging
 import os
 import sys
-from typing import Optional
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
-from conf.settings import ConfigError, Settings, load_settings
+from streamscore.conf.settings import Settings, load_settings
+from streamscore.errors import EXIT_FAILED, JobFailed, JobStatus, StreamscoreError, UsageError
+from streamscore.logs import setup_logging
+
+log = logging.getLogger("streamscore.jobs")
+
+Summary = dict[str, Any]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Raises :class:`UsageError` instead of printing usage and exiting, so that a wrong command
+    line still ends with the JSON summary line (``--help`` still prints help and exits 0)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
 
 
 def add_settings_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default=os.environ.get("STREAMSCORE_PROFILE"),
-                   help="conf/profiles/<name>.yaml (env STREAMSCORE_PROFILE; default local)")
-    p.add_argument("--config", default=os.environ.get("STREAMSCORE_CONFIG"),
-                   help="extra YAML file layered over the profile (env STREAMSCORE_CONFIG)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one key, e.g. --set trigger.max_batches=3 (repeatable; beats env "
-                        "STREAMSCORE_<SECTION>__<KEY>)")
+    p.add_argument(
+        "--profile",
+        default=os.environ.get("STREAMSCORE_PROFILE"),
+        help="conf/profiles/<name>.yaml (env STREAMSCORE_PROFILE; default local)",
+    )
+    p.add_argument(
+        "--config",
+        default=os.environ.get("STREAMSCORE_CONFIG"),
+        help="extra YAML file layered over the profile (env STREAMSCORE_CONFIG)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. --set trigger.max_batches=3 (repeatable; beats env STREAMSCORE_<SECTION>__<KEY>)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="all logs on the console (default: the project's own; the rest in <home>/logs/)",
+    )
 
 
-def settings_from(args, extra: Optional[list[str]] = None) -> Settings:
-    return load_settings(args.profile, args.config, list(args.overrides) + list(extra or []))
+def prepare(args: argparse.Namespace, command: str, extra: list[str] | None = None) -> Settings:
+    """Load the settings of a command run and set up its logging."""
+    settings = load_settings(args.profile, args.config, list(args.overrides) + list(extra or []))
+    setup_logging(settings.app.log_level, verbose=args.verbose, home=settings.home, command=command)
+    return settings
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """Entry points configure logging (library modules never do): plain lines on stderr."""
-    root = logging.getLogger()
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-    root.setLevel(logging.WARNING)
-    for name in ("streamscore", "scoring", "registry_watch", "jobs", "infra", "conf"):
-        logging.getLogger(name).setLevel(level)
-    logging.getLogger("py4j").setLevel(logging.WARNING)
-
-
-def emit(summary: dict) -> None:
-    """The job's last stdout line: one JSON object."""
+def emit(summary: Summary) -> None:
+    """The command's last stdout line: one JSON object."""
     sys.stdout.flush()
     print(json.dumps(summary, default=str), flush=True)
 
 
-def run_job(fn, args) -> int:
+def _report(command: str, message: str) -> None:
+    sys.stderr.flush()
+    print(f"streamscore {command}: {message}", file=sys.stderr, flush=True)
+
+
+def run_command(
+    command: str,
+    build_parser: Callable[[argparse.ArgumentParser | None], argparse.ArgumentParser],
+    run: Callable[[argparse.Namespace], Summary],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Parse ``argv``, run the command, print its summary last; returns the exit code."""
+    summary: Summary
     try:
-        summary = fn(args)
-    except ConfigError as e:
-        print(f"streamscore: configuration error: {e}", file=sys.stderr)
-        emit({"status": "FAILED", "error": f"configuration error: {e}"})
-        return 2
-    except Exception as e:  # noqa: BLE001 - report and exit non-zero with a summary line
-        logging.getLogger("jobs").exception("job failed")
-        emit({"status": "FAILED", "error": f"{type(e).__name__}: {e}"})
-        return 1
+        args = build_parser(None).parse_args(argv)
+        summary = run(args)
+        code = JobStatus(summary.get("status", JobStatus.OK)).exit_code
+    except JobFailed as e:
+        cause = e.__cause__
+        if cause is not None and not isinstance(cause, StreamscoreError):
+            log.error("%s failed", command, exc_info=cause)
+        _report(command, str(cause if isinstance(cause, StreamscoreError) else e))
+        summary, code = e.summary, e.exit_code
+    except StreamscoreError as e:
+        _report(command, f"{type(e).__name__}: {e}")
+        summary, code = {"job": command, "status": JobStatus.FAILED.value, "error": str(e)}, e.exit_code
+    except Exception as e:
+        log.exception("%s failed", command)
+        _report(command, f"{type(e).__name__}: {e}")
+        summary, code = {"job": command, "status": JobStatus.FAILED.value, "error": f"{type(e).__name__}: {e}"}, 1
+    summary.setdefault("job", command)
     emit(summary)
-    return 0 if summary.get("status", "FINISHED") in ("FINISHED", "KILLED", "OK") else 1
+    return code if code is not None else EXIT_FAILED

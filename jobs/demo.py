@@ -11,14 +11,20 @@ import argparse
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from jobs.common import add_settings_args, run_job, settings_from, setup_logging
+from streamscore.jobs.common import ArgumentParser, Summary, add_settings_args, prepare, run_command
 
-log = logging.getLogger("jobs.demo")
+if TYPE_CHECKING:
+    from streamscore.conf.settings import Settings
+    from streamscore.streaming import StreamHandle
+
+log = logging.getLogger("streamscore.jobs.demo")
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="streamscore demo", description=__doc__)
+    p = p or ArgumentParser(prog="streamscore demo", description=__doc__)
     add_settings_args(p)
     p.add_argument("--events", type=int, default=6000, help="events per run, half before the swap (default 6000)")
     p.add_argument("--rate", type=float, default=1500, help="events per second (default 1500)")
@@ -28,87 +34,131 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     return p
 
 
-def _run(args) -> dict:
-    from jobs.services import start_all
-    from streamscore.app import run_stream
-    from streamscore.demo import ensure_topic, produce_events, promote, train_and_register
+class Scenario:
+    """Send half the events, register and promote a second version once the first one has scored
+    rows, wait until the watcher has seen it, send the other half. Runs beside the stream."""
+
+    def __init__(self, settings: Settings, args: argparse.Namespace, tag: str, v1: str):
+        self.settings, self.args, self.tag, self.v1 = settings, args, tag, v1
+        self.sent = self.valid = self.malformed = 0
+        self.v2: str | None = None
+        self.error: str | None = None
+        self.done = False
+        self.deadline = time.time() + args.timeout
+        self.stream: StreamHandle | None = None
+
+    def start(self, stream: StreamHandle) -> None:
+        self.stream = stream
+        threading.Thread(target=self._run, name="demo-scenario", daemon=True).start()
+
+    def _send(self, count: int, start: int) -> None:
+        from streamscore.demo import produce_events
+
+        k = self.settings.source.kafka
+        r = produce_events(
+            k.bootstrap_servers,
+            k.topic,
+            count,
+            self.args.malformed_every,
+            self.args.rate,
+            prefix=f"demo-{self.tag}",
+            start=start,
+        )
+        self.sent += r.sent
+        self.valid += r.valid
+        self.malformed += r.malformed
+
+    def _wait(self, cond: Callable[[], bool]) -> None:
+        while not cond():
+            if time.time() > self.deadline:
+                raise TimeoutError("demo scenario timed out")
+            time.sleep(0.2)
+
+    def _swap(self) -> None:
+        from streamscore.demo import promote, train_and_register
+
+        assert self.stream is not None
+        processor, watcher = self.stream.processor, self.stream.watcher
+        self._wait(lambda: processor.rows_by_version.get(self.v1, 0) > 0)
+        log.info("demo: registering a second model version while the stream runs")
+        self.v2 = train_and_register(self.settings.model.name, "v2", alias=None)
+        promote(self.settings.model.name, self.v2, "champion")
+        log.info("demo: champion -> version %s", self.v2)
+        self._wait(lambda: watcher.swap_pending or bool(watcher.swaps) or bool(watcher.refusals))
+
+    def _run(self) -> None:
+        first = self.args.events // 2
+        try:
+            self._send(first, 0)
+            if not self.args.no_swap:
+                self._swap()
+            self._send(self.args.events - first, first)
+        except Exception as e:
+            log.exception("demo scenario failed")
+            self.error = f"{type(e).__name__}: {e}"
+        self.done = True
+
+    def should_stop(self) -> bool:
+        if self.error or time.time() > self.deadline:
+            return True
+        p = self.stream.processor if self.stream else None
+        return bool(p and self.done and p.totals["rows_in"] >= self.sent)
+
+    def verdict(self, summary: Summary) -> Summary:
+        accounted = (
+            summary.get("rows_in") == self.sent
+            and summary.get("rows_scored") == self.valid
+            and summary.get("rows_dead_lettered") == self.malformed
+        )
+        summary.update(
+            events_sent=self.sent, events_valid=self.valid, events_malformed=self.malformed, all_accounted_for=accounted
+        )
+        problem = self.error
+        if problem is None and not accounted:
+            problem = "timed out" if time.time() > self.deadline else "events unaccounted for"
+        if problem is None and not self.args.no_swap and not summary.get("swaps"):
+            problem = "no swap happened"
+        if problem is not None:
+            summary.update(status="FAILED", error=problem)
+        return summary
+
+
+def _run(args: argparse.Namespace) -> Summary:
+    from streamscore.demo import ensure_topic, train_and_register
+    from streamscore.jobs.services import start_all
+    from streamscore.streaming import run_stream
     from streamscore.tracking import configure_mlflow
 
     tag = time.strftime("%Y%m%d-%H%M%S")
-    settings = settings_from(args, [
-        f"source.kafka.topic=streamscore-demo-{tag}",
-        f"sink.checkpoint_path=checkpoints/demo-{tag}",
-        "trigger.processing_time=2 seconds",
-        "watch.poll_interval_s=1",
-    ])
-    setup_logging(settings.app.log_level)
+    settings = prepare(
+        args,
+        "demo",
+        [
+            f"source.kafka.topic=streamscore-demo-{tag}",
+            f"sink.checkpoint_path=checkpoints/demo-{tag}",
+            "trigger.processing_time=2 seconds",
+            "watch.poll_interval_s=1",
+        ],
+    )
     log.info("starting local services under %s", settings.home)
     start_all(settings)
     configure_mlflow(settings)
     v1 = train_and_register(settings.model.name, "v1", alias="champion")
-    k = settings.source.kafka
-    ensure_topic(k.bootstrap_servers, k.topic)
-
-    first, second = args.events // 2, args.events - args.events // 2
-    state = {"sent": 0, "valid": 0, "malformed": 0, "done_producing": False, "v2": None, "error": None}
-
-    def send(count: int, start: int) -> None:
-        r = produce_events(k.bootstrap_servers, k.topic, count, args.malformed_every, args.rate,
-                           prefix=f"demo-{tag}", start=start)
-        state["sent"] += r.sent
-        state["valid"] += r.valid
-        state["malformed"] += r.malformed
-
-    def scenario(ready: dict) -> None:
-        processor = ready["processor"]
-        try:
-            send(first, 0)
-            if not args.no_swap:
-                while processor.rows_by_version.get(v1, 0) == 0:
-                    time.sleep(0.2)
-                log.info("demo: registering a second model version while the stream runs")
-                v2 = train_and_register(settings.model.name, "v2", alias=None)
-                promote(settings.model.name, v2, "champion")
-                state["v2"] = v2
-                log.info("demo: champion -> version %s", v2)
-                watcher = ready["watcher"]
-                while not watcher.swap_pending and not watcher.swaps and not watcher.refusals:
-                    time.sleep(0.2)
-            send(second, first)
-        except Exception as e:  # noqa: BLE001
-            log.exception("demo scenario failed")
-            state["error"] = f"{type(e).__name__}: {e}"
-        state["done_producing"] = True
-
-    deadline = time.time() + args.timeout
-    box: dict = {}
-
-    def on_ready(ready: dict) -> None:
-        box.update(ready)
-        threading.Thread(target=scenario, args=(ready,), name="demo-scenario", daemon=True).start()
-
-    def should_stop() -> bool:
-        p = box.get("processor")
-        if state["error"] or time.time() > deadline:
-            return True
-        return bool(p and state["done_producing"] and p.totals["rows_in"] >= state["sent"])
-
-    summary = run_stream(settings, should_stop=should_stop, on_ready=on_ready, job="demo")
-    summary.update({
-        "events_sent": state["sent"], "events_valid": state["valid"], "events_malformed": state["malformed"],
-        "all_accounted_for": summary["rows_in"] == state["sent"]
-        and summary["rows_scored"] == state["valid"] and summary["rows_dead_lettered"] == state["malformed"],
-    })
-    if state["error"] or not summary["all_accounted_for"] or (not args.no_swap and not summary["swaps"]):
-        summary["status"] = "FAILED"
-        summary["error"] = state["error"] or ("timed out" if time.time() > deadline else "events unaccounted for"
-                                              if not summary["all_accounted_for"] else "no swap happened")
-    log.info("results: scored rows in %s, dead letters in %s, metrics at %s (experiment %r, run %s)",
-             summary["output_table"], summary["dead_letter_table"], summary["tracking_uri"],
-             summary["experiment"], summary["run_id"])
+    ensure_topic(settings.source.kafka.bootstrap_servers, settings.source.kafka.topic)
+    scenario = Scenario(settings, args, tag, v1)
+    summary = scenario.verdict(
+        run_stream(settings, should_stop=scenario.should_stop, on_ready=scenario.start, job="demo")
+    )
+    log.info(
+        "results: scored rows in %s, dead letters in %s, metrics at %s (experiment %r, run %s)",
+        summary.get("output_table"),
+        summary.get("dead_letter_table"),
+        summary.get("tracking_uri"),
+        summary.get("experiment"),
+        summary.get("run_id"),
+    )
     return summary
 
 
-def main(argv=None) -> int:
-    setup_logging()
-    return run_job(_run, build_parser().parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("demo", build_parser, _run, argv)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
-from jobs.common import add_settings_args, run_job, settings_from, setup_logging
+from streamscore.errors import UsageError
+from streamscore.jobs.common import ArgumentParser, Summary, add_settings_args, prepare, run_command
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="streamscore model", description=__doc__)
+    p = p or ArgumentParser(prog="streamscore model", description=__doc__)
     p.add_argument("action", choices=["register-demo", "promote"])
     add_settings_args(p)
     p.add_argument("--variant", default="v1", choices=["v1", "v2"], help="register-demo: which demo model")
@@ -17,23 +19,35 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     return p
 
 
-def _run(args) -> dict:
+def _run(args: argparse.Namespace) -> Summary:
     from streamscore.demo import promote, train_and_register
     from streamscore.tracking import configure_mlflow
 
-    s = settings_from(args)
+    if args.action == "promote" and not args.version:
+        raise UsageError("streamscore model promote: --version is required")
+    s = prepare(args, "model")
     configure_mlflow(s)
     if args.action == "register-demo":
         v = train_and_register(s.model.name, args.variant, args.alias or None)
-        return {"job": "model", "action": "register-demo", "status": "OK", "model_name": s.model.name,
-                "model_version": v, "alias": args.alias or None}
-    if not args.version:
-        raise SystemExit("promote needs --version")
+        return {
+            "job": "model",
+            "action": "register-demo",
+            "status": "OK",
+            "model_name": s.model.name,
+            "model_version": v,
+            "alias": args.alias or None,
+        }
     at = promote(s.model.name, args.version, args.alias)
-    return {"job": "model", "action": "promote", "status": "OK", "model_name": s.model.name,
-            "model_version": args.version, "alias": args.alias, "alias_set_at": at}
+    return {
+        "job": "model",
+        "action": "promote",
+        "status": "OK",
+        "model_name": s.model.name,
+        "model_version": args.version,
+        "alias": args.alias,
+        "alias_set_at": at,
+    }
 
 
-def main(argv=None) -> int:
-    setup_logging()
-    return run_job(_run, build_parser().parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("model", build_parser, _run, argv)

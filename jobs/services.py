@@ -1,30 +1,38 @@
-"""``streamscore services start|stop|status``: the local Kafka broker and MLflow server.
+"""``streamscore services start|stop|status|jars``: the local Kafka broker and MLflow server.
 
 Ports follow the settings (``source.kafka.bootstrap_servers`` and ``tracking.uri``), state and logs
-live under ``<app.home>/services/``."""
+live under ``<app.home>/services/``. ``jars`` resolves the JVM jars (Spark's Kafka connector, Delta,
+the Kafka broker) from Maven Central once into the local jar folder."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from jobs.common import add_settings_args, run_job, settings_from, setup_logging
+from streamscore.jobs.common import ArgumentParser, Summary, add_settings_args, prepare, run_command
+
+if TYPE_CHECKING:
+    from streamscore.conf.settings import Settings
+    from streamscore.infra.services import Service
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="streamscore services", description=__doc__)
-    p.add_argument("action", choices=["start", "stop", "status"])
-    p.add_argument("which", nargs="*", choices=["kafka", "mlflow", []], default=[],
-                   help="services to act on (default: all)")
+    p = p or ArgumentParser(prog="streamscore services", description=__doc__)
+    p.add_argument("action", choices=["start", "stop", "status", "jars"])
+    p.add_argument(
+        "which", nargs="*", choices=["kafka", "mlflow", []], default=[], help="services to act on (default: all)"
+    )
     add_settings_args(p)
     return p
 
 
-def services_for(settings):
-    from infra.services import KafkaService, MlflowService
+def services_for(settings: Settings) -> list[Service]:
+    from streamscore.infra.services import KafkaService, MlflowService
 
     kafka_port = int(settings.source.kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
-    out = [KafkaService(settings.home, kafka_port)]
+    out: list[Service] = [KafkaService(settings.home, kafka_port)]
     uri = settings.tracking.uri or ""
     parsed = urlparse(uri)
     if parsed.scheme == "http" and parsed.hostname in ("127.0.0.1", "localhost"):
@@ -32,18 +40,30 @@ def services_for(settings):
     return out
 
 
-def start_all(settings) -> list[dict]:
+def start_all(settings: Settings) -> list[dict[str, Any]]:
     return [s.start() for s in services_for(settings)]
 
 
-def _run(args) -> dict:
-    settings = settings_from(args)
+def _run(args: argparse.Namespace) -> Summary:
+    settings = prepare(args, "services")
+    if args.action == "jars":
+        from streamscore.infra import jars
+
+        spark_jars = jars.ensure_spark_jars(settings.home)
+        kafka_dir = jars.ensure_kafka_jars(settings.home)
+        return {
+            "job": "services",
+            "action": "jars",
+            "status": "OK",
+            "spark_jars": len(spark_jars),
+            "jar_folder": str(jars.jars_root()),
+            "kafka_jars": len(list(kafka_dir.glob("*.jar"))),
+        }
     services = [s for s in services_for(settings) if not args.which or s.name in args.which]
     results = [getattr(s, args.action)() for s in services]
     ok = all(r.get("healthy", True) for r in results) if args.action != "stop" else True
     return {"job": "services", "action": args.action, "status": "OK" if ok else "FAILED", "services": results}
 
 
-def main(argv=None) -> int:
-    setup_logging()
-    return run_job(_run, build_parser().parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("services", build_parser, _run, argv)

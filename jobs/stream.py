@@ -3,34 +3,32 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
-from jobs.common import add_settings_args, run_job, settings_from, setup_logging
+from streamscore.jobs.common import ArgumentParser, Summary, add_settings_args, prepare, run_command
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="streamscore stream", description=__doc__)
+    p = p or ArgumentParser(prog="streamscore stream", description=__doc__)
     add_settings_args(p)
     p.add_argument("--available-now", action="store_true", help="score what is there, then stop")
     p.add_argument("--max-batches", type=int, help="stop after N micro-batches")
     return p
 
 
-def _run(args) -> dict:
-    from streamscore.app import run_stream
+def _run(args: argparse.Namespace) -> Summary:
+    from streamscore.streaming import run_stream
 
     extra = []
     if args.available_now:
         extra.append("trigger.available_now=true")
-    if args.max_batches:
+    if args.max_batches is not None:
         extra.append(f"trigger.max_batches={args.max_batches}")
-    settings = settings_from(args, extra)
-    setup_logging(settings.app.log_level)
-    return run_stream(settings)
+    return run_stream(prepare(args, "stream", extra))
 
 
-def main(argv=None) -> int:
-    setup_logging()
-    return run_job(_run, build_parser().parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("stream", build_parser, _run, argv)
 
 
 if __name__ == "__main__":

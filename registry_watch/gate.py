@@ -1,4 +1,5 @@
-"""The validation gate a candidate model version must pass before it may serve the stream.
+"""The validation gate a model version must pass before it may serve: at start, at a swap, and in
+a backfill (one entry point, :meth:`ValidationGate.admit`).
 
 1. optional policy: a required tag on the version (``key=value``);
 2. it downloads and loads;
@@ -13,32 +14,32 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from registry_watch.resolve import materialize
-from scoring.spec import InputSpec, SignatureError, compatible, spec_from_signature
-from scoring.udf import ModelHandle, load_model
+from streamscore.errors import GateRefused, SignatureError
+from streamscore.registry_watch.resolve import ModelRef, materialize, resolve_version
+from streamscore.scoring.spec import InputSpec, compatible, spec_from_signature
+from streamscore.scoring.udf import ModelHandle, load_model
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+    from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
 
-
-class Refused(Exception):
-    """A candidate failed the gate; the message says why."""
-
-    def __init__(self, version: str, reason: str):
-        super().__init__(f"version {version} refused: {reason}")
-        self.version = version
-        self.reason = reason
+__all__ = ["GateRefused", "GateResult", "ValidationGate"]
 
 
 @dataclass
 class GateResult:
     handle: ModelHandle
-    spec: InputSpec
+    spec: InputSpec  # the schema the version serves (the stream's, or its own at start)
     sample_rows: int
     seconds: float
 
@@ -46,16 +47,18 @@ class GateResult:
 class ValidationGate:
     def __init__(
         self,
-        client,
+        client: MlflowClient,
+        model_name: str,
         models_dir: Path,
         event_id_field: str,
         event_time_field: str,
-        spark=None,
-        required_tag: Optional[str] = None,
+        spark: SparkSession | None = None,
+        required_tag: str | None = None,
         sample_rows: int = 20,
-        recent_sample: Optional[Callable[[], list[str]]] = None,
+        recent_sample: Callable[[], list[str]] | None = None,
     ):
         self.client = client
+        self.model_name = model_name
         self.models_dir = models_dir
         self.event_id_field = event_id_field
         self.event_time_field = event_time_field
@@ -64,35 +67,51 @@ class ValidationGate:
         self.sample_rows = sample_rows
         self.recent_sample = recent_sample
 
-    def check(self, mv, stream_spec: Optional[InputSpec]) -> GateResult:
-        """Validate ``mv``; ``stream_spec`` None means this version defines the stream's schema."""
+    def admit(self, ref: ModelRef, stream_spec: InputSpec | None, resolved: ModelVersion | None = None) -> GateResult:
+        """Resolve ``ref`` (unless the caller already did: ``resolved``) and validate the version.
+
+        ``stream_spec`` None means this version defines the stream's schema. Raises
+        :class:`GateRefused` naming the model, the reference and the version, or
+        :class:`~streamscore.errors.RegistryError` when the reference does not resolve."""
+        mv = resolved if resolved is not None else resolve_version(self.client, self.model_name, ref)
+        try:
+            return self._check(mv, stream_spec)
+        except GateRefused as e:
+            raise GateRefused(e.version, e.reason, self.model_name, str(ref)) from e.__cause__
+
+    def _check(self, mv: ModelVersion, stream_spec: InputSpec | None) -> GateResult:
         t0 = time.time()
         version = str(mv.version)
         label = f"model {mv.name!r} version {version}"
-        if self.required_tag:
-            key, want = self.required_tag.split("=", 1)
-            have = (mv.tags or {}).get(key)
-            if have != want:
-                raise Refused(version, f"required tag {key}={want} is {'missing' if have is None else repr(have)}")
+        self._check_policy(mv)
         try:
             handle = materialize(self.client, mv, self.models_dir, self.spark)
             model = load_model(handle)
-        except Exception as e:  # noqa: BLE001 - any load failure refuses the candidate
-            raise Refused(version, f"does not load: {type(e).__name__}: {e}") from e
+        except Exception as e:
+            raise GateRefused(version, f"does not load: {type(e).__name__}: {e}") from e
         try:
             spec = spec_from_signature(model.metadata.signature, self.event_id_field, self.event_time_field, label)
             if stream_spec is not None:
                 compatible(stream_spec, spec, label)
         except SignatureError as e:
-            raise Refused(version, str(e)) from None
+            raise GateRefused(version, str(e)) from None
         serving_spec = stream_spec or spec
         sample = self._sample(model, serving_spec)
         if not sample:
-            raise Refused(version, "no sample to score: no recent input and no input example logged with the model")
+            raise GateRefused(version, "no sample to score: no recent input and no input example logged with the model")
         self._score_sample(handle, serving_spec, sample, version)
         return GateResult(handle, serving_spec, len(sample), time.time() - t0)
 
-    def _sample(self, model, spec: InputSpec) -> list[str]:
+    def _check_policy(self, mv: ModelVersion) -> None:
+        if not self.required_tag:
+            return
+        key, want = self.required_tag.split("=", 1)
+        have = (mv.tags or {}).get(key)
+        if have != want:
+            missing = "missing" if have is None else repr(have)
+            raise GateRefused(str(mv.version), f"required tag {key}={want} is {missing}")
+
+    def _sample(self, model: Any, spec: InputSpec) -> list[str]:
         if self.recent_sample is not None:
             recent = self.recent_sample()[: self.sample_rows]
             if recent:
@@ -105,7 +124,7 @@ class ValidationGate:
         frame = example if isinstance(example, pd.DataFrame) else pd.DataFrame(example)
         rows = []
         for i, rec in enumerate(frame.head(self.sample_rows).to_dict(orient="records")):
-            rec = {k: (v.item() if hasattr(v, "item") else v) for k, v in rec.items()}
+            rec = {str(k): (v.item() if hasattr(v, "item") else v) for k, v in rec.items()}
             rec[spec.event_id_field] = f"gate-sample-{i}"
             rec[spec.event_time_field] = "2000-01-01T00:00:00Z"
             rows.append(orjson.dumps(rec).decode())
@@ -115,17 +134,16 @@ class ValidationGate:
         if self.spark is None:
             import pandas as pd
 
-            from scoring.records import score_chunk
+            from streamscore.scoring.records import score_chunk
 
             out = score_chunk(pd.Series(sample), spec, load_model(handle))
-            bad = out[~out["ok"]]
-            reasons = list(bad["reason"])
+            reasons = list(out[~out["ok"]]["reason"])
         else:
-            from scoring.transform import as_events, score
+            from streamscore.scoring.transform import as_events, score
 
             df = as_events(self.spark.createDataFrame([(s,) for s in sample], "value string"), "validation-gate")
             parts = max(1, self.spark.sparkContext.defaultParallelism)
             rows = score(df.repartition(parts), handle, spec, -1).select("ok", "reason").collect()
             reasons = [r.reason for r in rows if not r.ok]
         if reasons:
-            raise Refused(version, f"scoring the {len(sample)}-row sample failed: {reasons[0]}")
+            raise GateRefused(version, f"scoring the {len(sample)}-row sample failed: {reasons[0]}")

@@ -10,14 +10,17 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from scoring.udf import ModelHandle
+from streamscore.errors import ConfigError, RegistryError
+from streamscore.scoring.udf import ModelHandle
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+    from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
-
-
-class ResolveError(LookupError):
-    """The reference does not resolve to a model version."""
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,7 @@ class ModelRef:
     value: str
 
     @classmethod
-    def parse(cls, text: str) -> "ModelRef":
+    def parse(cls, text: str) -> ModelRef:
         t = str(text).strip()
         if t.startswith("@") and len(t) > 1:
             return cls("alias", t[1:])
@@ -36,15 +39,17 @@ class ModelRef:
             return cls("latest", "")
         if t.isdigit():
             return cls("version", t)
-        raise ValueError(
+        raise ConfigError(
             f"model.ref: {text!r} is not a model reference (use @alias, stage:<Stage>, latest or a version number)"
         )
 
     def __str__(self) -> str:
-        return {"alias": f"@{self.value}", "stage": f"stage:{self.value}", "latest": "latest"}.get(self.kind, self.value)
+        return {"alias": f"@{self.value}", "stage": f"stage:{self.value}", "latest": "latest"}.get(
+            self.kind, self.value
+        )
 
 
-def resolve_version(client, name: str, ref: ModelRef):
+def resolve_version(client: MlflowClient, name: str, ref: ModelRef) -> ModelVersion:
     """The ``ModelVersion`` that ``ref`` points at now."""
     from mlflow.exceptions import MlflowException
 
@@ -56,17 +61,19 @@ def resolve_version(client, name: str, ref: ModelRef):
         if ref.kind == "stage":
             found = client.get_latest_versions(name, stages=[ref.value])
             if not found:
-                raise ResolveError(f"model {name!r} has no version in stage {ref.value!r}")
+                raise RegistryError(f"model {name!r} has no version in stage {ref.value!r}")
             return found[0]
         versions = client.search_model_versions(f"name = '{name}'")
         if not versions:
-            raise ResolveError(f"model {name!r} has no versions")
+            raise RegistryError(f"model {name!r} has no versions")
         return max(versions, key=lambda v: int(v.version))
     except MlflowException as e:
-        raise ResolveError(f"cannot resolve model {name!r} reference {ref}: {e.message}") from None
+        raise RegistryError(f"cannot resolve model {name!r} reference {ref}: {e.message}") from None
 
 
-def materialize(client, mv, models_dir: Path, spark=None) -> ModelHandle:
+def materialize(
+    client: MlflowClient, mv: ModelVersion, models_dir: Path, spark: SparkSession | None = None
+) -> ModelHandle:
     """Download version ``mv`` once under ``models_dir`` and ship it to executors (``addFile``)."""
     import mlflow.artifacts
 
@@ -79,20 +86,18 @@ def materialize(client, mv, models_dir: Path, spark=None) -> ModelHandle:
         uri = f"models:/{mv.name}/{mv.version}"
         log.info("downloading %s", uri)
         local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=str(tmp), tracking_uri=client._tracking_client.tracking_uri
-            )
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp), tracking_uri=_tracking_uri(client))
         )
         if not (local / "MLmodel").exists():
             candidates = list(local.rglob("MLmodel"))
             if not candidates:
-                raise ResolveError(f"model {mv.name!r} version {mv.version}: no MLmodel file in its artifacts")
+                raise RegistryError(f"model {mv.name!r} version {mv.version}: no MLmodel file in its artifacts")
             local = candidates[0].parent
         shutil.rmtree(dest, ignore_errors=True)
         shutil.move(str(local), str(dest))
         shutil.rmtree(tmp, ignore_errors=True)
     handle = ModelHandle(mv.name, str(mv.version), mv.run_id or "", str(dest), ship_name)
-    if spark is not None and not spark.sparkContext.master.startswith("local["):
+    if spark is not None and not str(spark.sparkContext.master).startswith("local["):
         _ship(spark, dest)
     return handle
 
@@ -100,7 +105,7 @@ def materialize(client, mv, models_dir: Path, spark=None) -> ModelHandle:
 _shipped: set[str] = set()
 
 
-def _ship(spark, folder: Path) -> None:
+def _ship(spark: SparkSession, folder: Path) -> None:
     """Send the model folder to every executor as an archive (Spark unpacks it there under
     ``SparkFiles.get("<folder name>.zip")``); ``addFile`` refuses local directories on a cluster."""
     if str(folder) in _shipped:
@@ -112,3 +117,7 @@ def _ship(spark, folder: Path) -> None:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def _tracking_uri(client: Any) -> str:
+    return str(client._tracking_client.tracking_uri)

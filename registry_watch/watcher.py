@@ -18,14 +18,20 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any
 
-from registry_watch.gate import GateResult, Refused, ValidationGate
-from registry_watch.resolve import ModelRef, ResolveError, materialize, resolve_version
-from scoring.spec import InputSpec
-from scoring.udf import ModelHandle
+from streamscore.errors import GateRefused, RegistryError
+from streamscore.registry_watch.gate import GateResult, ValidationGate
+from streamscore.registry_watch.resolve import ModelRef, materialize, resolve_version
+from streamscore.scoring.spec import InputSpec
+from streamscore.scoring.udf import ModelHandle
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +42,14 @@ class SwapEvent:
     to_version: str
     detected_at: float
     prepared_at: float
-    swapped_at: Optional[float] = None
-    first_batch_id: Optional[int] = None
-    alias_set_at: Optional[float] = None
-    first_scored_at: Optional[float] = None
-    swap_latency_s: Optional[float] = None
-    gate_seconds: Optional[float] = None
+    swapped_at: float | None = None
+    first_batch_id: int | None = None
+    alias_set_at: float | None = None
+    first_scored_at: float | None = None
+    swap_latency_s: float | None = None
+    gate_seconds: float | None = None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
@@ -65,14 +71,14 @@ class BatchLedger:
 
     def __init__(self, path: Path):
         self.path = path
-        self._entries: dict[int, dict] = {}
+        self._entries: dict[int, dict[str, Any]] = {}
         if path.exists():
             for line in path.read_text().splitlines():
                 if line.strip():
                     rec = json.loads(line)
                     self._entries[int(rec["batch_id"])] = rec
 
-    def get(self, batch_id: int) -> Optional[dict]:
+    def get(self, batch_id: int) -> dict[str, Any] | None:
         return self._entries.get(batch_id)
 
     def record(self, batch_id: int, name: str, version: str, run_id: str) -> None:
@@ -88,15 +94,15 @@ class BatchLedger:
 class RegistryWatcher:
     def __init__(
         self,
-        client,
+        client: MlflowClient,
         model_name: str,
         ref: ModelRef,
         gate: ValidationGate,
         ledger: BatchLedger,
         poll_interval_s: float = 5.0,
         retry_refused_after_s: float = 600.0,
-        on_swap: Optional[Callable[[SwapEvent], None]] = None,
-        on_refusal: Optional[Callable[[Refusal], None]] = None,
+        on_swap: Callable[[SwapEvent], None] | None = None,
+        on_refusal: Callable[[Refusal], None] | None = None,
     ):
         self.client = client
         self.model_name = model_name
@@ -107,46 +113,48 @@ class RegistryWatcher:
         self.retry_refused_after_s = retry_refused_after_s
         self.on_swap = on_swap
         self.on_refusal = on_refusal
-        self.current: Optional[ModelHandle] = None
-        self.spec: Optional[InputSpec] = None
+        self.current: ModelHandle | None = None
+        self.spec: InputSpec | None = None
         self.swaps: list[SwapEvent] = []
         self.refusals: list[Refusal] = []
         self._refused_at: dict[str, float] = {}
-        self._pending: Optional[_Pending] = None
-        self._unscored_swap: Optional[SwapEvent] = None
+        self._pending: _Pending | None = None
+        self._unscored_swap: SwapEvent | None = None
         self._last_poll = 0.0
         self._poll_now = threading.Event()
         self._lock = threading.RLock()
         self._poll_lock = threading.Lock()
-        self._hint_alias_set_at: Optional[float] = None
+        self._hint_alias_set_at: float | None = None
         self._registry_down = False
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     # -- start -------------------------------------------------------------------------------
     def start(self) -> ModelHandle:
         """Resolve and validate the initial version (it defines the stream's schema)."""
-        mv = resolve_version(self.client, self.model_name, self.ref)
-        try:
-            result = self.gate.check(mv, None)
-        except Refused as e:
-            raise RuntimeError(f"model {self.model_name!r} {self.ref} -> {e}") from None
+        result = self.gate.admit(self.ref, None)
         self.current, self.spec = result.handle, result.spec
         self._last_poll = time.time()
         log.info("serving %s (%s)", self.current.label, self.ref)
         return self.current
 
+    @property
+    def serving(self) -> ModelHandle:
+        if self.current is None:
+            raise RuntimeError("the watcher has not been started")
+        return self.current
+
     # -- polling -----------------------------------------------------------------------------
-    def request_poll(self, alias_set_at: Optional[float] = None) -> None:
+    def request_poll(self, alias_set_at: float | None = None) -> None:
         """Ask for a poll as soon as possible (e.g. from a webhook, which says when the alias moved)."""
         if alias_set_at is not None:
             self._hint_alias_set_at = alias_set_at
         self._poll_now.set()
 
-    def poll(self, force: bool = False, alias_set_at: Optional[float] = None) -> Optional[str]:
-        """Check the registry; prepare a new version if the reference moved. Returns what happened.
-
-        The gate runs outside the state lock, so a batch starting meanwhile is not held up by it."""
+    def poll(self, force: bool = False, alias_set_at: float | None = None) -> str | None:
+        """Check the registry; prepare a new version if the reference moved. Returns what happened
+        (None: not due yet). The gate runs outside the state lock, so a batch starting meanwhile is
+        not held up by it."""
         if not self._poll_lock.acquire(blocking=False):
             return "busy"
         try:
@@ -155,60 +163,86 @@ class RegistryWatcher:
                 return None
             self._poll_now.clear()
             self._last_poll = now
-            try:
-                mv = resolve_version(self.client, self.model_name, self.ref)
-            except ResolveError as e:
-                log.warning("registry poll failed, keeping %s: %s", self.current.label, e)
-                return "resolve-failed"
-            except Exception as e:  # noqa: BLE001 - a flaky registry must not stop scoring
-                if not self._registry_down:  # log an outage once, not once per poll
-                    log.warning("registry unreachable, keeping %s: %s", self.current.label, e)
-                self._registry_down = True
-                return "registry-unreachable"
-            if self._registry_down:
-                log.warning("registry reachable again")
-                self._registry_down = False
-            version = str(mv.version)
-            with self._lock:
-                target = self._pending.result.handle.version if self._pending else self.current.version
-                if version == target:
-                    return "unchanged"
-                if version == self.current.version:  # the reference moved back before the swap happened
-                    self._pending = None
-                    return "pending-cancelled"
-                serving = self.current.version
-            refused_at = self._refused_at.get(version)
-            if refused_at is not None and now - refused_at < self.retry_refused_after_s:
-                return "refused-recently"
-            log.info("registry: %s %s now points at version %s (serving %s); validating",
-                     self.model_name, self.ref, version, serving)
-            try:
-                result = self.gate.check(mv, self.spec)
-            except Refused as e:
-                self._refused_at[version] = time.time()
-                refusal = Refusal(version, e.reason, time.time())
-                self.refusals.append(refusal)
-                log.warning("candidate %s", e)
-                if self.on_refusal:
-                    self.on_refusal(refusal)
-                return "refused"
-            self._refused_at.pop(version, None)
-            recorded_at = self._alias_set_at()
-            with self._lock:
-                event = SwapEvent(
-                    from_version=self.current.version, to_version=version, detected_at=now,
-                    prepared_at=time.time(),
-                    alias_set_at=alias_set_at or recorded_at or self._hint_alias_set_at,
-                    gate_seconds=result.seconds,
-                )
-                self._pending = _Pending(result, event)
-                self._hint_alias_set_at = None
-            log.info("version %s passed the gate in %.1fs; it serves from the next batch", version, result.seconds)
-            return "prepared"
+            mv = self._resolve()
+            if isinstance(mv, str):
+                return mv
+            outcome = self._triage(str(mv.version), now)
+            if outcome is not None:
+                return outcome
+            return self._validate(mv, now, alias_set_at)
         finally:
             self._poll_lock.release()
 
-    def _alias_set_at(self) -> Optional[float]:
+    def _resolve(self) -> ModelVersion | str:
+        """The version the reference points at, or why the registry could not say."""
+        try:
+            mv = resolve_version(self.client, self.model_name, self.ref)
+        except RegistryError as e:
+            log.warning("registry poll failed, keeping %s: %s", self.serving.label, e)
+            return "resolve-failed"
+        except Exception as e:  # noqa: BLE001 - a flaky registry must not stop scoring
+            if not self._registry_down:  # log an outage once, not once per poll
+                log.warning("registry unreachable, keeping %s: %s", self.serving.label, e)
+            self._registry_down = True
+            return "registry-unreachable"
+        if self._registry_down:
+            log.warning("registry reachable again")
+            self._registry_down = False
+        return mv
+
+    def _triage(self, version: str, now: float) -> str | None:
+        """None when ``version`` is a new candidate to validate, else why not."""
+        with self._lock:
+            target = self._pending.result.handle.version if self._pending else self.serving.version
+            if version == target:
+                return "unchanged"
+            if version == self.serving.version:  # the reference moved back before the swap happened
+                self._pending = None
+                return "pending-cancelled"
+        refused_at = self._refused_at.get(version)
+        if refused_at is not None and now - refused_at < self.retry_refused_after_s:
+            return "refused-recently"
+        return None
+
+    def _validate(self, mv: ModelVersion, detected_at: float, alias_set_at: float | None) -> str:
+        version = str(mv.version)
+        log.info(
+            "registry: %s %s now points at version %s (serving %s); validating",
+            self.model_name,
+            self.ref,
+            version,
+            self.serving.version,
+        )
+        try:
+            result = self.gate.admit(self.ref, self.spec, resolved=mv)
+        except GateRefused as e:
+            self._refuse(version, e)
+            return "refused"
+        self._refused_at.pop(version, None)
+        recorded_at = self._alias_set_at()
+        with self._lock:
+            event = SwapEvent(
+                from_version=self.serving.version,
+                to_version=version,
+                detected_at=detected_at,
+                prepared_at=time.time(),
+                alias_set_at=alias_set_at or recorded_at or self._hint_alias_set_at,
+                gate_seconds=result.seconds,
+            )
+            self._pending = _Pending(result, event)
+            self._hint_alias_set_at = None
+        log.info("version %s passed the gate in %.1fs; it serves from the next batch", version, result.seconds)
+        return "prepared"
+
+    def _refuse(self, version: str, e: GateRefused) -> None:
+        self._refused_at[version] = time.time()
+        refusal = Refusal(version, e.reason, time.time())
+        self.refusals.append(refusal)
+        log.warning("candidate %s", e)
+        if self.on_refusal:
+            self.on_refusal(refusal)
+
+    def _alias_set_at(self) -> float | None:
         """When the alias was moved, if the promoter recorded it (``streamscore promote`` does)."""
         if self.ref.kind != "alias":
             return None
@@ -229,7 +263,7 @@ class RegistryWatcher:
         with self._lock:
             seen = self.ledger.get(batch_id)
             if seen is not None:
-                if self.current and seen["version"] == self.current.version:
+                if self.current is not None and seen["version"] == self.current.version:
                     return self.current
                 log.info("batch %d is a replay: scoring it with version %s as before", batch_id, seen["version"])
                 return self._handle_for(seen)
@@ -242,8 +276,9 @@ class RegistryWatcher:
                 self.swaps.append(event)
                 self._unscored_swap = event
                 log.info("swapped %s -> %s at batch %d", event.from_version, event.to_version, batch_id)
-            self.ledger.record(batch_id, self.current.name, self.current.version, self.current.run_id)
-            return self.current
+            serving = self.serving
+            self.ledger.record(batch_id, serving.name, serving.version, serving.run_id)
+            return serving
 
     def batch_scored(self, batch_id: int, rows_scored: int) -> None:
         """Called after a batch is written: closes the swap latency of the first batch after a swap."""
@@ -258,7 +293,7 @@ class RegistryWatcher:
         if self.on_swap:
             self.on_swap(ev)
 
-    def _handle_for(self, rec: dict) -> ModelHandle:
+    def _handle_for(self, rec: dict[str, Any]) -> ModelHandle:
         mv = self.client.get_model_version(rec["name"], rec["version"])
         return materialize(self.client, mv, self.gate.models_dir, self.gate.spark)
 
@@ -267,11 +302,11 @@ class RegistryWatcher:
         if self._thread is not None:
             return
 
-        def loop():
+        def loop() -> None:
             while not self._stop.is_set():
                 try:
                     self.poll()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("background registry poll failed")
                 self._poll_now.wait(timeout=min(1.0, self.poll_interval_s))
 

@@ -16,11 +16,14 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Optional
+from typing import Any
 
 log = logging.getLogger(__name__)
 
+MAX_BODY_BYTES = 64 * 1024  # registry events are small; a larger body is refused unread
 EVENTS = {("model_version_alias", "created"), ("model_version", "created")}
 
 
@@ -29,7 +32,9 @@ def sign(secret: str, delivery_id: str, timestamp: str, body: str) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def verify(secret: str, headers, body: bytes, max_age_s: float, now: Optional[float] = None) -> Optional[str]:
+def verify(
+    secret: str, headers: Mapping[str, str] | Message, body: bytes, max_age_s: float, now: float | None = None
+) -> str | None:
     """None when the delivery is authentic and fresh, else why not."""
     signature = headers.get("X-MLflow-Signature")
     delivery_id = headers.get("X-MLflow-Delivery-Id")
@@ -49,8 +54,15 @@ def verify(secret: str, headers, body: bytes, max_age_s: float, now: Optional[fl
 
 
 class WebhookReceiver:
-    def __init__(self, secret: str, model_name: str, on_event: Callable[[dict, float], None],
-                 host: str = "127.0.0.1", port: int = 0, max_age_s: float = 300):
+    def __init__(
+        self,
+        secret: str,
+        model_name: str,
+        on_event: Callable[[dict, float], None],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_age_s: float = 300,
+    ):
         self.secret = secret
         self.model_name = model_name
         self.on_event = on_event
@@ -60,8 +72,17 @@ class WebhookReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server API
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            timeout = 10  # seconds a client may take to send its request
+
+            def do_POST(self) -> None:
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if not 0 <= length <= MAX_BODY_BYTES:
+                    receiver.rejected += 1
+                    return self._reply(413 if length > 0 else 400, {"error": "bad or oversized body length"})
+                body = self.rfile.read(length)
                 problem = verify(receiver.secret, self.headers, body, receiver.max_age_s)
                 if problem:
                     receiver.rejected += 1
@@ -88,8 +109,8 @@ class WebhookReceiver:
                 self.end_headers()
                 self.wfile.write(raw)
 
-            def log_message(self, fmt, *args):  # route http.server's access log to our logger
-                log.debug("webhook %s", fmt % args)
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("webhook %s", format % args)
 
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, name="streamscore-webhook", daemon=True)
@@ -97,9 +118,9 @@ class WebhookReceiver:
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}/"
+        return f"http://{host!s}:{port}/"
 
-    def start(self) -> "WebhookReceiver":
+    def start(self) -> WebhookReceiver:
         self.thread.start()
         return self
 

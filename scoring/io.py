@@ -1,18 +1,28 @@
 """Sources and sinks: the only module of ``scoring`` that reads or writes data.
 
-Sources return the columns of :data:`scoring.transform.SOURCE_COLUMNS`. Sinks append to Delta with
-``txnAppId``/``txnVersion`` so a replayed micro-batch is not written twice.
+Sources return ``value`` plus the columns of :data:`streamscore.scoring.schema.COORDINATES`.
+Sinks write a frame of one micro-batch (or backfill chunk) to a Delta table:
+
+* :class:`IdempotentAppend` appends with ``txnAppId``/``txnVersion`` so a replayed micro-batch is
+  not written twice;
+* :class:`SliceWriter` owns the rows of one value of a column (a backfill id): its first write
+  replaces that slice (``replaceWhere``), later writes append to it.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Protocol
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import StructType
+
+from streamscore.scoring.schema import VALUE
+from streamscore.scoring.transform import as_events
 
 
-def kafka_options(kafka) -> dict[str, str]:
+def kafka_options(kafka: Any) -> dict[str, str]:
+    """Spark Kafka source options from ``settings.source.kafka``."""
     opts = {
         "kafka.bootstrap.servers": kafka.bootstrap_servers,
         "subscribe": kafka.topic,
@@ -30,7 +40,7 @@ def kafka_options(kafka) -> dict[str, str]:
 
 def _kafka_columns(df: DataFrame) -> DataFrame:
     return df.select(
-        "value",
+        VALUE,
         F.col("topic").alias("source"),
         F.col("partition").alias("source_partition"),
         F.col("offset").alias("source_offset"),
@@ -38,15 +48,21 @@ def _kafka_columns(df: DataFrame) -> DataFrame:
     )
 
 
-def read_kafka_stream(spark: SparkSession, kafka) -> DataFrame:
+def read_kafka_stream(spark: SparkSession, kafka: Any) -> DataFrame:
     reader = spark.readStream.format("kafka").options(**kafka_options(kafka))
     if kafka.max_offsets_per_trigger:
         reader = reader.option("maxOffsetsPerTrigger", str(kafka.max_offsets_per_trigger))
     return _kafka_columns(reader.load())
 
 
-def read_kafka_range(spark: SparkSession, kafka, starting: str, ending: str,
-                     starting_timestamp: Optional[int] = None, ending_timestamp: Optional[int] = None) -> DataFrame:
+def read_kafka_range(
+    spark: SparkSession,
+    kafka: Any,
+    starting: str,
+    ending: str,
+    starting_timestamp: int | None = None,
+    ending_timestamp: int | None = None,
+) -> DataFrame:
     """Bounded Kafka read (backfill): offsets as Spark's JSON offset specs or earliest/latest, or
     epoch-millisecond timestamps (which take precedence)."""
     opts = kafka_options(kafka) | {"startingOffsets": starting, "endingOffsets": ending}
@@ -59,20 +75,24 @@ def read_kafka_range(spark: SparkSession, kafka, starting: str, ending: str,
 
 def _delta_columns(df: DataFrame, path: str) -> DataFrame:
     """Each row becomes a JSON event; the table path is its coordinate."""
-    from scoring.transform import as_events
+    payload = F.to_json(F.struct(*[F.col(f"`{c}`") for c in df.columns])).alias(VALUE)
+    return as_events(df.select(payload), path)
 
-    return as_events(df.select(F.to_json(F.struct(*[F.col(f"`{c}`") for c in df.columns])).alias("value")), path)
 
-
-def read_delta_stream(spark: SparkSession, delta) -> DataFrame:
+def read_delta_stream(spark: SparkSession, delta: Any) -> DataFrame:
     reader = spark.readStream.format("delta")
     if delta.max_files_per_trigger:
         reader = reader.option("maxFilesPerTrigger", str(delta.max_files_per_trigger))
     return _delta_columns(reader.load(delta.path), delta.path)
 
 
-def read_delta_table(spark: SparkSession, path: str, version: Optional[int] = None,
-                     timestamp: Optional[str] = None, where: Optional[str] = None) -> DataFrame:
+def read_delta_table(
+    spark: SparkSession,
+    path: str,
+    version: int | None = None,
+    timestamp: str | None = None,
+    where: str | None = None,
+) -> DataFrame:
     reader = spark.read.format("delta")
     if version is not None:
         reader = reader.option("versionAsOf", version)
@@ -84,21 +104,59 @@ def read_delta_table(spark: SparkSession, path: str, version: Optional[int] = No
     return _delta_columns(df, path)
 
 
-def ensure_delta_table(spark: SparkSession, path: str, ddl: str) -> None:
-    """Create an empty Delta table with ``ddl`` at ``path`` unless one is there."""
+def ensure_delta_table(spark: SparkSession, path: str, schema: StructType) -> None:
+    """Create an empty Delta table with ``schema`` at ``path`` unless one is there."""
     from delta.tables import DeltaTable
 
     if DeltaTable.isDeltaTable(spark, path):
         return
-    spark.createDataFrame([], ddl).write.format("delta").mode("append").save(path)
+    spark.createDataFrame([], schema).write.format("delta").mode("append").save(path)
 
 
-def append_idempotent(df: DataFrame, path: str, app_id: str, version: int) -> None:
-    """Append once per (app_id, version): Delta skips a write whose txnVersion it has already seen."""
-    (
-        df.write.format("delta")
-        .mode("append")
-        .option("txnAppId", app_id)
-        .option("txnVersion", version)
-        .save(path)
-    )
+class Sink(Protocol):
+    path: str
+
+    def write(self, df: DataFrame, batch_id: int, rows: int) -> None:
+        """Write ``df`` (``rows`` rows) as batch/chunk ``batch_id``."""
+
+
+class IdempotentAppend:
+    """Append once per (app id, batch id): Delta skips a write whose txnVersion it has already seen
+    for the app id. An empty batch writes nothing."""
+
+    def __init__(self, path: str, app_id: str):
+        self.path = path
+        self.app_id = app_id
+
+    def write(self, df: DataFrame, batch_id: int, rows: int) -> None:
+        if rows == 0:
+            return
+        (
+            df.write.format("delta")
+            .mode("append")
+            .option("txnAppId", self.app_id)
+            .option("txnVersion", batch_id)
+            .save(self.path)
+        )
+
+
+class SliceWriter:
+    """The rows where ``column = value`` belong to this writer: the first write replaces them (even
+    when it brings no rows, so a rerun never keeps stale rows), later writes append."""
+
+    def __init__(self, path: str, column: str, value: str):
+        self.path = path
+        self.column = column
+        self.value = value
+        self._replaced = False
+
+    def write(self, df: DataFrame, batch_id: int, rows: int) -> None:
+        if rows == 0 and self._replaced:
+            return
+        w = df.withColumn(self.column, F.lit(self.value)).write.format("delta")
+        if self._replaced:
+            w.mode("append").save(self.path)
+        else:
+            escaped = self.value.replace("\\", "\\\\").replace("'", "\\'")
+            w.mode("overwrite").option("replaceWhere", f"{self.column} = '{escaped}'").save(self.path)
+            self._replaced = True

@@ -8,18 +8,19 @@ dropped, so rows in = rows scored + rows dead-lettered holds per chunk and there
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import orjson
 import pandas as pd
 
-from scoring.spec import InputSpec
+from streamscore.scoring.spec import InputSpec
 
 _NUMPY = {"double": "float64", "float": "float32", "long": "int64", "integer": "int32", "boolean": "bool"}
 _INT_RANGE = {"long": (-(2**63), 2**63 - 1), "integer": (-(2**31), 2**31 - 1)}
 
 
-def _check(value, kind: str):
+def _check(value: Any, kind: str) -> tuple[Any, str | None]:
     """Return (converted value, None) or (None, problem)."""
     if kind in ("double", "float"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -47,13 +48,15 @@ def _check(value, kind: str):
     return None, f"unsupported type {kind}"  # pragma: no cover - spec_from_signature rejects these
 
 
-def parse_chunk(values: pd.Series, spec: InputSpec):
+def parse_chunk(
+    values: pd.Series, spec: InputSpec
+) -> tuple[list[str | None], list[str | None], list[Any], dict[str, list[Any]]]:
     """Parse raw payloads. Returns ``(reasons, event_ids, event_times, columns)`` where ``columns``
     maps feature name to a list aligned with ``values`` (None where the row is invalid)."""
     n = len(values)
-    reasons: list = [None] * n
-    ids: list = [None] * n
-    times: list = [None] * n
+    reasons: list[str | None] = [None] * n
+    ids: list[str | None] = [None] * n
+    times: list[Any] = [None] * n
     cols = {f.name: [None] * n for f in spec.features}
     id_f, time_f = spec.event_id_field, spec.event_time_field
     feats = spec.features
@@ -72,7 +75,11 @@ def parse_chunk(values: pd.Series, spec: InputSpec):
             continue
         eid = obj.get(id_f)
         if eid is None or isinstance(eid, (dict, list, bool)) or eid == "":
-            reasons[i] = f"missing required field {id_f!r}" if eid is None else f"field {id_f!r}: expected a string or integer id"
+            reasons[i] = (
+                f"missing required field {id_f!r}"
+                if eid is None
+                else f"field {id_f!r}: expected a string or integer id"
+            )
             continue
         et = obj.get(time_f)
         if et is None:
@@ -82,7 +89,7 @@ def parse_chunk(values: pd.Series, spec: InputSpec):
             reasons[i] = f"field {time_f!r}: expected an ISO-8601 string or epoch milliseconds"
             continue
         problem = None
-        row = []
+        row: list[Any] = []
         for f in feats:
             v = obj.get(f.name)
             if v is None:
@@ -101,20 +108,21 @@ def parse_chunk(values: pd.Series, spec: InputSpec):
             continue
         ids[i] = str(eid)
         times[i] = et
-        for f, v in zip(feats, row):
+        for f, v in zip(feats, row, strict=True):
             cols[f.name][i] = v
     return reasons, ids, times, cols
 
 
-def _parse_times(times: list, reasons: list, time_field: str) -> pd.Series:
+def _parse_times(times: list[Any], reasons: list[str | None], time_field: str) -> pd.Series:
     """Vectorised: ISO-8601 strings (any offset) and epoch milliseconds -> UTC timestamps."""
     n = len(times)
     out = pd.Series(pd.NaT, index=range(n), dtype="datetime64[ns, UTC]")
     str_idx = [i for i, t in enumerate(times) if isinstance(t, str)]
     num_idx = [i for i, t in enumerate(times) if t is not None and not isinstance(t, str)]
     if str_idx:
-        parsed = pd.to_datetime(pd.Series([times[i] for i in str_idx], dtype="object"), utc=True,
-                                errors="coerce", format="ISO8601")
+        parsed = pd.to_datetime(
+            pd.Series([times[i] for i in str_idx], dtype="object"), utc=True, errors="coerce", format="ISO8601"
+        )
         out.iloc[str_idx] = parsed.to_numpy()
     if num_idx:
         nums = pd.Series([times[i] for i in num_idx], dtype="float64")
@@ -128,7 +136,7 @@ def _parse_times(times: list, reasons: list, time_field: str) -> pd.Series:
     return out
 
 
-def score_chunk(values: pd.Series, spec: InputSpec, model) -> pd.DataFrame:
+def score_chunk(values: pd.Series, spec: InputSpec, model: Any) -> pd.DataFrame:
     """Parse + validate + predict. ``model`` is anything with ``predict(pandas.DataFrame)``."""
     reasons, ids, times, cols = parse_chunk(values, spec)
     event_time = _parse_times(times, reasons, spec.event_time_field)
@@ -168,7 +176,7 @@ def score_chunk(values: pd.Series, spec: InputSpec, model) -> pd.DataFrame:
     return out
 
 
-def _first_column(preds):
+def _first_column(preds: Any) -> np.ndarray:
     if isinstance(preds, pd.DataFrame):
         preds = preds.iloc[:, 0]
     arr = np.asarray(preds)
@@ -177,7 +185,7 @@ def _first_column(preds):
     return arr
 
 
-def _prediction_column(preds, valid_idx: np.ndarray, n: int, kind: str):
+def _prediction_column(preds: np.ndarray | None, valid_idx: np.ndarray, n: int, kind: str) -> Any:
     """Predictions placed at the valid rows, null elsewhere, typed for the output schema."""
     mask = np.ones(n, dtype=bool)
     mask[valid_idx] = False

@@ -8,16 +8,14 @@ checkpoint, so a candidate model version must be :func:`compatible` with it befo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-# MLflow ColSpec type name -> Spark SQL type name
-SPARK_TYPES = {
-    "double": "double",
-    "float": "float",
-    "long": "bigint",
-    "integer": "int",
-    "string": "string",
-    "boolean": "boolean",
-}
+from streamscore.errors import SignatureError
+
+__all__ = ["SUPPORTED_TYPES", "Field", "InputSpec", "SignatureError", "compatible", "spec_from_signature"]
+
+# MLflow ColSpec type names the stream can carry (their Spark types: streamscore.scoring.schema)
+SUPPORTED_TYPES = ("double", "float", "long", "integer", "string", "boolean")
 # what a stream column of type K may feed into a model input of type V
 _WIDENS = {
     "double": {"double", "float"},
@@ -29,14 +27,10 @@ _WIDENS = {
 }
 
 
-class SignatureError(ValueError):
-    """A model's signature cannot be used by the stream, or does not match the stream's schema."""
-
-
 @dataclass(frozen=True)
 class Field:
     name: str
-    type: str  # an MLflow ColSpec type name, a key of SPARK_TYPES
+    type: str  # an MLflow ColSpec type name, one of SUPPORTED_TYPES
     required: bool = True
 
 
@@ -51,20 +45,13 @@ class InputSpec:
     def feature_names(self) -> list[str]:
         return [f.name for f in self.features]
 
-    def result_ddl(self) -> str:
-        """Spark DDL of the struct the scoring UDF returns."""
-        cols = ["ok boolean", "reason string", "event_id string", "event_time timestamp"]
-        cols += [f"`{f.name}` {SPARK_TYPES[f.type]}" for f in self.features]
-        cols.append(f"prediction {SPARK_TYPES[self.prediction_type]}")
-        return ", ".join(cols)
 
-
-def _type_name(t) -> str:
+def _type_name(t: Any) -> str:
     name = getattr(t, "name", None) or str(t)
     return str(name).lower()
 
 
-def spec_from_signature(signature, event_id_field: str, event_time_field: str, model_label: str) -> InputSpec:
+def spec_from_signature(signature: Any, event_id_field: str, event_time_field: str, model_label: str) -> InputSpec:
     """Build the spec from an ``mlflow.models.ModelSignature``; ``model_label`` names the model in errors."""
     if signature is None or signature.inputs is None:
         raise SignatureError(f"{model_label} has no input signature; log it with a signature to stream-score it")
@@ -74,7 +61,7 @@ def spec_from_signature(signature, event_id_field: str, event_time_field: str, m
     features = []
     for col in inputs.inputs:
         t = _type_name(col.type)
-        if t not in SPARK_TYPES:
+        if t not in SUPPORTED_TYPES:
             raise SignatureError(f"{model_label}: input column {col.name!r} has unsupported type {t!r}")
         if col.name in (event_id_field, event_time_field):
             raise SignatureError(f"{model_label}: input column {col.name!r} clashes with the event id/time field")
@@ -83,7 +70,7 @@ def spec_from_signature(signature, event_id_field: str, event_time_field: str, m
     outputs = signature.outputs
     if outputs is not None and not outputs.is_tensor_spec() and len(outputs.inputs) >= 1:
         t = _type_name(outputs.inputs[0].type)
-        pred = t if t in SPARK_TYPES else "double"
+        pred = t if t in SUPPORTED_TYPES else "double"
     elif outputs is not None and outputs.is_tensor_spec() and len(outputs.inputs) >= 1:
         kind = outputs.inputs[0].type.kind
         pred = "long" if kind in "iu" else "boolean" if kind == "b" else "string" if kind in "OUS" else "double"
@@ -102,8 +89,6 @@ def compatible(stream: InputSpec, candidate: InputSpec, model_label: str) -> Non
         elif f.type not in _WIDENS[src.type]:
             problems.append(f"input {f.name!r} is {f.type} but the stream carries {src.type}")
     if candidate.prediction_type != stream.prediction_type:
-        problems.append(
-            f"predicts {candidate.prediction_type} but the output table holds {stream.prediction_type}"
-        )
+        problems.append(f"predicts {candidate.prediction_type} but the output table holds {stream.prediction_type}")
     if problems:
         raise SignatureError(f"{model_label} is incompatible with the stream: " + "; ".join(problems))

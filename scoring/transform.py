@@ -1,48 +1,49 @@
-"""The scoring transform: raw events -> one row per event, scored or dead-lettered, with lineage."""
+"""The scoring transform: raw events -> one row per event, scored or dead-lettered, with lineage.
+
+Pure frame-to-frame logic (no reads, no writes): :func:`score` runs the model's UDF once per input
+row; :func:`scored_rows` and :func:`dead_letter_rows` project its result onto the two output tables
+(:mod:`streamscore.scoring.schema`).
+"""
 
 from __future__ import annotations
 
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from scoring.spec import InputSpec
-from scoring.udf import ModelHandle, make_score_udf
+from streamscore.scoring import schema
+from streamscore.scoring.spec import InputSpec
+from streamscore.scoring.udf import ModelHandle, make_score_udf
 
-# columns every source provides (see scoring.io): the raw payload and where it came from
-SOURCE_COLUMNS = ["value", "source", "source_partition", "source_offset", "source_timestamp"]
-COORDINATES = SOURCE_COLUMNS[1:]
-LINEAGE = ["model_name", "model_version", "model_run_id", "scored_at", "batch_id"]
+COORDINATES = schema.names(schema.COORDINATES)
 
 
 def score(events: DataFrame, handle: ModelHandle, spec: InputSpec, batch_id: int) -> DataFrame:
     """Every input row comes out once: ``ok`` rows carry features + prediction, others ``reason``."""
     udf = make_score_udf(handle, spec)
     scored = events.select(
-        udf(F.col("value")).alias("r"),
-        F.col("value").cast("string").alias("raw_value"),
+        udf(F.col(schema.VALUE)).alias("r"),
+        F.col(schema.VALUE).cast("string").alias("raw_value"),
         *COORDINATES,
     )
-    return scored.select(
-        "r.*",
-        "raw_value",
-        *COORDINATES,
-        F.lit(handle.name).alias("model_name"),
-        F.lit(handle.version).alias("model_version"),
-        F.lit(handle.run_id).alias("model_run_id"),
-        F.current_timestamp().alias("scored_at"),
-        F.lit(batch_id).cast("bigint").alias("batch_id"),
-    )
+    lineage = {
+        "model_name": F.lit(handle.name),
+        "model_version": F.lit(handle.version),
+        "model_run_id": F.lit(handle.run_id),
+        "scored_at": F.current_timestamp(),
+        "batch_id": F.lit(batch_id),
+    }
+    return scored.select("r.*", "raw_value", *COORDINATES, *_typed(lineage, schema.LINEAGE))
+
+
+def _typed(columns: dict[str, Column], struct: schema.StructType) -> list[Column]:
+    return [columns[f.name].cast(f.dataType).alias(f.name) for f in struct.fields]
 
 
 def as_events(values: DataFrame, source: str) -> DataFrame:
-    """A frame with a ``value`` column as a source would give it (no coordinates): for samples and benchmarks."""
-    return values.select(
-        "value",
-        F.lit(source).alias("source"),
-        F.lit(None).cast("int").alias("source_partition"),
-        F.lit(None).cast("bigint").alias("source_offset"),
-        F.lit(None).cast("timestamp").alias("source_timestamp"),
-    )
+    """A frame with a ``value`` column as a source would give it, the coordinates being ``source``
+    and nulls: for Delta rows, samples and benchmarks."""
+    coordinates = {f.name: F.lit(None) for f in schema.COORDINATES.fields} | {"source": F.lit(source)}
+    return values.select(schema.VALUE, *_typed(coordinates, schema.COORDINATES))
 
 
 def count_outcomes(results: DataFrame) -> tuple[int, int]:
@@ -52,32 +53,11 @@ def count_outcomes(results: DataFrame) -> tuple[int, int]:
 
 
 def scored_rows(results: DataFrame, spec: InputSpec) -> DataFrame:
-    cols = ["event_id", "event_time", *[f"`{n}`" for n in spec.feature_names], "prediction", *LINEAGE, *COORDINATES]
-    return results.where("ok").select(*cols)
+    return results.where("ok").select(*[F.col(f"`{n}`") for n in schema.names(schema.output_schema(spec))])
 
 
 def dead_letter_rows(results: DataFrame) -> DataFrame:
+    renamed = {"dead_lettered_at": F.col("scored_at")}
     return results.where("NOT ok").select(
-        "raw_value", "reason", *COORDINATES, "model_name", "model_version", "batch_id",
-        F.col("scored_at").alias("dead_lettered_at"),
+        *[renamed.get(f.name, F.col(f.name)).alias(f.name) for f in schema.DEAD_LETTER.fields]
     )
-
-
-def output_schema_ddl(spec: InputSpec) -> str:
-    from scoring.spec import SPARK_TYPES
-
-    cols = ["event_id string", "event_time timestamp"]
-    cols += [f"`{f.name}` {SPARK_TYPES[f.type]}" for f in spec.features]
-    cols += [f"prediction {SPARK_TYPES[spec.prediction_type]}"]
-    cols += ["model_name string", "model_version string", "model_run_id string", "scored_at timestamp",
-             "batch_id bigint"]
-    cols += [*_COORD_DDL]
-    return ", ".join(cols)
-
-
-_COORD_DDL = ["source string", "source_partition int", "source_offset bigint", "source_timestamp timestamp"]
-
-DEAD_LETTER_DDL = ", ".join(
-    ["raw_value string", "reason string", *_COORD_DDL, "model_name string", "model_version string",
-     "batch_id bigint", "dead_lettered_at timestamp"]
-)

@@ -15,13 +15,16 @@ import gc
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any
 
 import pandas as pd
 
-from scoring.records import score_chunk
-from scoring.spec import InputSpec
+from streamscore.errors import RegistryError
+from streamscore.scoring.records import score_chunk
+from streamscore.scoring.schema import result_schema
+from streamscore.scoring.spec import InputSpec
 
 CACHE_SIZE = 2
 
@@ -41,7 +44,7 @@ class ModelHandle:
         return f"model {self.name!r} version {self.version}"
 
 
-_cache: "OrderedDict[tuple[str, str], object]" = OrderedDict()
+_cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
 _lock = threading.Lock()
 
 
@@ -58,10 +61,10 @@ def _model_dir(handle: ModelHandle) -> str:
         pass
     if os.path.isdir(handle.local_path):
         return handle.local_path
-    raise FileNotFoundError(f"{handle.label}: model files found neither in SparkFiles nor at {handle.local_path}")
+    raise RegistryError(f"{handle.label}: model files found neither in SparkFiles nor at {handle.local_path}")
 
 
-def load_model(handle: ModelHandle):
+def load_model(handle: ModelHandle) -> Any:
     """The pyfunc model for ``handle``, loaded once per process."""
     key = (handle.name, handle.version)
     with _lock:
@@ -89,11 +92,11 @@ def cached_versions() -> list[tuple[str, str]]:
         return list(_cache)
 
 
-def make_score_udf(handle: ModelHandle, spec: InputSpec):
+def make_score_udf(handle: ModelHandle, spec: InputSpec) -> Any:
     """A pandas UDF ``value -> struct<ok, reason, event_id, event_time, features..., prediction>``."""
     from pyspark.sql.functions import pandas_udf
 
-    @pandas_udf(spec.result_ddl())
+    @pandas_udf(result_schema(spec))  # type: ignore[call-overload]
     def score(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         model = load_model(handle)
         for values in batches:

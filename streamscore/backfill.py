@@ -18,171 +18,226 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any
 
-from pyspark import StorageLevel
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from registry_watch.gate import Refused
-from registry_watch.resolve import ModelRef, resolve_version
-from scoring import io as sio
-from scoring.transform import (DEAD_LETTER_DDL, count_outcomes, dead_letter_rows, output_schema_ddl, score,
-                               scored_rows)
-from scoring.udf import make_score_udf
-from streamscore.app import build_gate
-from streamscore.spark import build_spark
-from streamscore.tracking import configure_mlflow, make_tracker
+from streamscore.conf.settings import BackfillRequest, DeltaSlice, Settings
+from streamscore.lifecycle import JobContext
+from streamscore.pipeline import Outcome, Sinks, score_and_write
+from streamscore.registry_watch.resolve import ModelRef
+from streamscore.scoring import io as sio
+from streamscore.scoring import schema
+from streamscore.scoring.spec import InputSpec
+from streamscore.scoring.udf import ModelHandle, make_score_udf
+from streamscore.streaming import build_gate
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from streamscore.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
-def backfill_id_for(input_desc: dict, model_name: str, version: str) -> str:
+def backfill_id_for(request: BackfillRequest, model_name: str, version: str) -> str:
+    """The default slice name: a hash of the input, its range, the model name and the version."""
+    input_desc = request.input.model_dump(mode="json", exclude_none=True)
     raw = json.dumps({"input": input_desc, "model": model_name, "version": version}, sort_keys=True)
     return "bf-" + hashlib.sha1(raw.encode()).hexdigest()[:16]
 
 
-def _progress(total: int):
-    if sys.stderr.isatty():
-        from tqdm import tqdm
+def run_backfill(settings: Settings, request: BackfillRequest) -> dict[str, Any]:
+    """Score ``request.input`` once into its own slice of the backfill tables; returns the JSON
+    summary (raises :class:`~streamscore.errors.JobFailed`, which carries it, when it fails)."""
+    with JobContext("backfill", settings) as ctx:
+        BackfillRun(ctx, request).run()
+    return ctx.summary
 
-        return tqdm(total=total, unit="chunk", desc="backfill", file=sys.stderr)
-    return None
+
+class _Progress:
+    """A progress bar on a terminal, one log line per chunk otherwise."""
+
+    def __init__(self, chunks: int):
+        self.chunks = chunks
+        self.t0 = time.time()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=chunks, unit="chunk", desc="backfill", file=sys.stderr)
+
+    def chunk_done(self, chunk: int, outcome: Outcome, total_in: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(rows=total_in, rows_per_s=round(total_in / max(time.time() - self.t0, 1e-9)))
+            return
+        log.info(
+            "backfill chunk %d/%d: %d in, %d scored, %d dead-lettered in %.1fs",
+            chunk + 1,
+            self.chunks,
+            outcome.rows_in,
+            outcome.rows_scored,
+            outcome.rows_dead_lettered,
+            outcome.score_s + outcome.write_s,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
-def run_backfill(settings, input_desc: dict, model_ref: Optional[str] = None, backfill_id: Optional[str] = None,
-                 compare_with: Optional[str] = None, chunks: int = 4, output_path: Optional[str] = None,
-                 dead_letter_path: Optional[str] = None) -> dict:
-    """``input_desc``: ``{"kind": "delta", "path", "version"?, "timestamp"?, "where"?}`` or
-    ``{"kind": "kafka", "starting": <offsets spec>, "ending": <offsets spec>}``."""
-    from mlflow import MlflowClient
+class BackfillRun:
+    """One backfill inside its job context: admit the version(s), open the run, score the chunks,
+    compare, and describe what happened (on every exit path, through the context)."""
 
-    t0 = time.time()
-    tracking_uri, registry_uri = configure_mlflow(settings)
-    spark = build_spark(settings)
-    client = MlflowClient(tracking_uri, registry_uri)
-    gate = build_gate(settings, spark, client)
-    ref = ModelRef.parse(model_ref or settings.model.ref)
-    mv = resolve_version(client, settings.model.name, ref)
-    try:
-        result = gate.check(mv, None)
-    except Refused as e:
-        raise RuntimeError(f"model {settings.model.name!r} {ref} -> {e}") from None
-    handle, spec = result.handle, result.spec
-    bf_id = backfill_id or backfill_id_for(input_desc, handle.name, handle.version)
-    out_path = output_path or settings.path("tables/backfill")
-    dead_path = dead_letter_path or settings.path("tables/backfill_dead_letter")
-    sio.ensure_delta_table(spark, out_path, output_schema_ddl(spec) + ", backfill_id string")
-    sio.ensure_delta_table(spark, dead_path, DEAD_LETTER_DDL + ", backfill_id string")
+    def __init__(self, ctx: JobContext, request: BackfillRequest):
+        self.ctx, self.request, self.settings = ctx, request, ctx.settings
+        self.totals = {"rows_in": 0, "rows_scored": 0, "rows_dead_lettered": 0}
+        self.chunks_done = 0
+        self.comparison: dict[str, Any] = {}
+        self.gate = build_gate(self.settings, ctx.spark, ctx.client)
+        self.ref = ModelRef.parse(request.model_ref or self.settings.model.ref)
+        admitted = self.gate.admit(self.ref, None)
+        self.handle, self.spec = admitted.handle, admitted.spec
+        self.backfill_id = request.backfill_id or backfill_id_for(request, self.handle.name, self.handle.version)
+        self.out_path = request.output_path or self.settings.path("tables/backfill")
+        self.dead_path = request.dead_letter_path or self.settings.path("tables/backfill_dead_letter")
+        ctx.describe(self.describe)
 
-    tracker = make_tracker(settings, tracking_uri)
-    run_id = tracker.start(
-        settings.app.run_name or f"backfill-{time.strftime('%Y%m%d-%H%M%S')}",
-        {"input": input_desc, "model": {"name": handle.name, "ref": str(ref), "version": handle.version},
-         "backfill_id": bf_id, "chunks": chunks, "output_path": out_path, "dead_letter_path": dead_path,
-         "compare_with": compare_with or ""},
-        {"streamscore.job": "backfill", "streamscore.model_name": handle.name,
-         "streamscore.initial_model_version": handle.version, "streamscore.backfill_id": bf_id},
+    def run(self) -> None:
+        self._open()
+        other = (
+            self.gate.admit(ModelRef.parse(self.request.compare_with), self.spec).handle
+            if self.request.compare_with
+            else None
+        )
+        pairs = self._score_chunks(other)
+        if other is not None and self.chunks_done == self.request.chunks:
+            self.comparison.update(compare_predictions(pairs, self.spec.prediction_type))
+            self.comparison["versions"] = {"base": self.handle.version, "other": other.version}
+            _log_comparison(self.ctx.tracker, self.comparison)
+
+    def _open(self) -> None:
+        spark, handle = self.ctx.spark, self.handle
+        sio.ensure_delta_table(spark, self.out_path, schema.with_backfill_id(schema.output_schema(self.spec)))
+        sio.ensure_delta_table(spark, self.dead_path, schema.with_backfill_id(schema.DEAD_LETTER))
+        self.ctx.start_run(
+            {
+                "input": self.request.input.model_dump(mode="json"),
+                "model": {"name": handle.name, "ref": str(self.ref), "version": handle.version},
+                "backfill_id": self.backfill_id,
+                "chunks": self.request.chunks,
+                "output_path": self.out_path,
+                "dead_letter_path": self.dead_path,
+                "compare_with": self.request.compare_with or "",
+            },
+            {
+                "streamscore.model_name": handle.name,
+                "streamscore.initial_model_version": handle.version,
+                "streamscore.backfill_id": self.backfill_id,
+            },
+        )
+
+    def _score_chunks(self, other: ModelHandle | None) -> list[pd.DataFrame]:
+        """Score chunk by chunk (stopping early on SIGTERM); returns (base, other) prediction pairs."""
+        chunks = self.request.chunks
+        sinks = Sinks(
+            sio.SliceWriter(self.out_path, schema.BACKFILL_ID.name, self.backfill_id),
+            sio.SliceWriter(self.dead_path, schema.BACKFILL_ID.name, self.backfill_id),
+        )
+        events = _read_input(self.ctx.spark, self.settings, self.request)
+        events = events.withColumn("_chunk", F.pmod(F.xxhash64(schema.VALUE), F.lit(chunks)))
+        pairs: list[pd.DataFrame] = []
+
+        def compare(results: DataFrame, scored: int) -> None:
+            if other is not None and scored:
+                pairs.append(_paired_predictions(results, other, self.spec))
+
+        progress = _Progress(chunks)
+        try:
+            for chunk in range(chunks):
+                if self.ctx.stop_requested.is_set():
+                    log.warning("backfill stopped after %d of %d chunks", self.chunks_done, chunks)
+                    break
+                part = events.where(F.col("_chunk") == chunk).drop("_chunk")
+                outcome = score_and_write(part, self.handle, self.spec, chunk, sinks, compare)
+                self._account(chunk, outcome)
+                progress.chunk_done(chunk, outcome, self.totals["rows_in"])
+        finally:
+            progress.close()
+        return pairs
+
+    def _account(self, chunk: int, outcome: Outcome) -> None:
+        self.chunks_done += 1
+        for key in self.totals:
+            self.totals[key] += getattr(outcome, key)
+        self.ctx.tracker.log_metrics(
+            {
+                "rows_in": outcome.rows_in,
+                "rows_scored": outcome.rows_scored,
+                "rows_dead_lettered": outcome.rows_dead_lettered,
+                "chunk_duration_s": outcome.score_s + outcome.write_s,
+            },
+            step=chunk,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        seconds = time.time() - self.ctx.started_at
+        rows_per_s = self.totals["rows_in"] / seconds if seconds else 0.0
+        self.ctx.tracker.log_metrics(
+            {f"total_{k}": v for k, v in self.totals.items()} | {"duration_s": seconds, "rows_per_s": rows_per_s},
+            step=self.request.chunks,
+        )
+        out = {
+            "backfill_id": self.backfill_id,
+            "input": self.request.input.model_dump(mode="json", exclude_none=True),
+            "output_table": self.out_path,
+            "dead_letter_table": self.dead_path,
+            "model_name": self.handle.name,
+            "model_version": self.handle.version,
+            **self.totals,
+            "chunks": self.request.chunks,
+            "chunks_done": self.chunks_done,
+            "rows_per_s": round(rows_per_s, 1),
+        }
+        if self.comparison:
+            out["comparison"] = {k: v for k, v in self.comparison.items() if k != "distribution"}
+        return out
+
+
+def _read_input(spark: Any, settings: Settings, request: BackfillRequest) -> DataFrame:
+    inp = request.input
+    if isinstance(inp, DeltaSlice):
+        return sio.read_delta_table(spark, inp.path, inp.version, inp.timestamp, inp.where)
+    return sio.read_kafka_range(
+        spark, settings.source.kafka, inp.starting, inp.ending, inp.starting_timestamp, inp.ending_timestamp
     )
-    status, error, totals = "FINISHED", None, {"rows_in": 0, "rows_scored": 0, "rows_dead_lettered": 0}
-    comparison = None
-    try:
-        events = _read_input(spark, settings, input_desc)
-        events = events.withColumn("_chunk", F.pmod(F.xxhash64("value"), F.lit(chunks)))
-        bar = _progress(chunks)
-        compare_parts = []
-        other = _prepare_other(client, gate, settings, compare_with, spec) if compare_with else None
-        slice_cond = f"backfill_id = '{bf_id}'"
-        for chunk in range(chunks):
-            tc = time.time()
-            part = events.where(F.col("_chunk") == chunk).drop("_chunk")
-            results = score(part, handle, spec, chunk).persist(StorageLevel.MEMORY_AND_DISK)
-            try:
-                scored, dead = count_outcomes(results)
-                mode = "overwrite" if chunk == 0 else "append"
-                for df, path in ((scored_rows(results, spec).withColumn("backfill_id", F.lit(bf_id)), out_path),
-                                 (dead_letter_rows(results).withColumn("backfill_id", F.lit(bf_id)), dead_path)):
-                    w = df.write.format("delta").mode(mode)
-                    if mode == "overwrite":
-                        w = w.option("replaceWhere", slice_cond)
-                    w.save(path)
-                if other is not None and scored:
-                    compare_parts.append(_paired_predictions(results, other, spec))
-            finally:
-                results.unpersist()
-            totals["rows_in"] += scored + dead
-            totals["rows_scored"] += scored
-            totals["rows_dead_lettered"] += dead
-            secs = time.time() - tc
-            tracker.log_metrics({"rows_in": scored + dead, "rows_scored": scored, "rows_dead_lettered": dead,
-                                 "chunk_duration_s": secs}, step=chunk)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(rows=totals["rows_in"], rows_per_s=round(totals["rows_in"] / (time.time() - t0)))
-            else:
-                log.info("backfill chunk %d/%d: %d in, %d scored, %d dead-lettered in %.1fs", chunk + 1, chunks,
-                         scored + dead, scored, dead, secs)
-        if bar is not None:
-            bar.close()
-        if other is not None:
-            comparison = compare_predictions(compare_parts, spec.prediction_type)
-            comparison["versions"] = {"base": handle.version, "other": other.version}
-            _log_comparison(tracker, comparison)
-    except BaseException as e:
-        status, error = "FAILED", f"{type(e).__name__}: {e}"
-        raise
-    finally:
-        seconds = time.time() - t0
-        summary = {"job": "backfill", "status": status, "backfill_id": bf_id, "input": input_desc,
-                   "output_table": out_path, "dead_letter_table": dead_path, "tracking_uri": tracking_uri,
-                   "experiment": settings.tracking.experiment, "run_id": run_id, "model_name": handle.name,
-                   "model_version": handle.version, **totals, "chunks": chunks, "duration_s": round(seconds, 3),
-                   "rows_per_s": round(totals["rows_in"] / seconds, 1) if seconds else None}
-        if comparison is not None:
-            summary["comparison"] = {k: v for k, v in comparison.items() if k != "distribution"}
-        if error:
-            summary["error"] = error
-        tracker.log_metrics({"total_rows_in": totals["rows_in"], "total_rows_scored": totals["rows_scored"],
-                             "total_rows_dead_lettered": totals["rows_dead_lettered"], "duration_s": seconds,
-                             "rows_per_s": totals["rows_in"] / seconds if seconds else 0.0}, step=chunks)
-        tracker.finish(status, summary)
-    return summary
 
 
-def _read_input(spark, settings, d: dict):
-    if d["kind"] == "delta":
-        return sio.read_delta_table(spark, d["path"], d.get("version"), d.get("timestamp"), d.get("where"))
-    if d["kind"] == "kafka":
-        return sio.read_kafka_range(spark, settings.source.kafka, d.get("starting", "earliest"),
-                                    d.get("ending", "latest"), d.get("starting_timestamp"),
-                                    d.get("ending_timestamp"))
-    raise ValueError(f"unknown backfill input kind {d['kind']!r}")
-
-
-def _prepare_other(client, gate, settings, ref_text: str, spec):
-    mv = resolve_version(client, settings.model.name, ModelRef.parse(ref_text))
-    try:
-        return gate.check(mv, spec).handle
-    except Refused as e:
-        raise RuntimeError(f"--compare-with {ref_text}: {e}") from None
-
-
-def _paired_predictions(results, other_handle, spec):
+def _paired_predictions(results: DataFrame, other_handle: ModelHandle, spec: InputSpec) -> pd.DataFrame:
     """(base, other) predictions of the same rows: the other version scores the same raw payloads."""
     udf = make_score_udf(other_handle, spec)
     pairs = results.where("ok").select(F.col("prediction").alias("base"), udf(F.col("raw_value")).alias("o"))
     return pairs.select("base", F.col("o.prediction").alias("other")).toPandas()
 
 
-def compare_predictions(parts, prediction_type: str) -> dict:
+def compare_predictions(parts: list[pd.DataFrame], prediction_type: str) -> dict[str, Any]:
     import pandas as pd
 
     df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"base": [], "other": []})
-    out: dict = {"rows": int(len(df))}
+    out: dict[str, Any] = {"rows": int(len(df))}
     if prediction_type in ("double", "float"):
         diff = (df["base"].astype(float) - df["other"].astype(float)).abs()
-        out.update({"kind": "regression", "mean_abs_diff": float(diff.mean()) if len(df) else 0.0,
-                    "max_abs_diff": float(diff.max()) if len(df) else 0.0,
-                    "mean_shift": float(df["other"].mean() - df["base"].mean()) if len(df) else 0.0})
+        out.update(
+            {
+                "kind": "regression",
+                "mean_abs_diff": float(diff.mean()) if len(df) else 0.0,
+                "max_abs_diff": float(diff.max()) if len(df) else 0.0,
+                "mean_shift": float(df["other"].mean() - df["base"].mean()) if len(df) else 0.0,
+            }
+        )
         out["distribution"] = {"base": df["base"].astype(float).tolist(), "other": df["other"].astype(float).tolist()}
     else:
         base, other = df["base"].astype(str), df["other"].astype(str)
@@ -196,7 +251,7 @@ def compare_predictions(parts, prediction_type: str) -> dict:
     return out
 
 
-def _log_comparison(tracker, comparison: dict) -> None:
+def _log_comparison(tracker: Tracker, comparison: dict[str, Any]) -> None:
     metrics = {f"compare_{k}": v for k, v in comparison.items() if isinstance(v, (int, float)) and k != "rows"}
     tracker.log_metrics(metrics, step=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,12 +261,12 @@ def _log_comparison(tracker, comparison: dict) -> None:
         _plot(comparison, plot)
         for f in (report, plot):
             try:
-                tracker.client.log_artifact(tracker.run_id, str(f), "comparison")
+                tracker.log_artifact(str(f), "comparison")
             except Exception as e:  # noqa: BLE001
                 log.warning("could not store %s: %s", f.name, e)
 
 
-def _plot(comparison: dict, path: Path) -> None:
+def _plot(comparison: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -7,7 +7,6 @@ import datetime as dt
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import orjson
 
@@ -28,8 +27,7 @@ def iris_frame():
     return X, pd.Series(data.target, name="species")
 
 
-def train_and_register(name: str, variant: str = "v1", alias: Optional[str] = "champion",
-                       tags: Optional[dict] = None) -> str:
+def train_and_register(name: str, variant: str = "v1", alias: str | None = "champion", tags: dict | None = None) -> str:
     """Train, log with signature + input example, register; returns the new version number."""
     import mlflow
     from mlflow import MlflowClient
@@ -44,7 +42,11 @@ def train_and_register(name: str, variant: str = "v1", alias: Optional[str] = "c
         mlflow.log_params({"variant": variant, **VARIANTS[variant]})
         mlflow.log_metric("train_accuracy", float(model.score(X, y)))
         info = mlflow.sklearn.log_model(
-            model, name="model", signature=signature, input_example=X.head(5), registered_model_name=name,
+            model,
+            name="model",
+            signature=signature,
+            input_example=X.head(5),
+            registered_model_name=name,
         )
     version = str(info.registered_model_version)
     client = MlflowClient()
@@ -73,10 +75,12 @@ def make_event(i: int, prefix: str, row: dict, when: dt.datetime) -> bytes:
 
 MALFORMED = [
     lambda i, p, row, t: b"{not json",
-    lambda i, p, row, t: orjson.dumps({"event_id": f"{p}-{i}", "event_time": t.isoformat(),
-                                       **{k: v for k, v in row.items() if k != "petal_width"}}),
-    lambda i, p, row, t: orjson.dumps({"event_id": f"{p}-{i}", "event_time": t.isoformat(),
-                                       **row, "sepal_length": "wide"}),
+    lambda i, p, row, t: orjson.dumps(
+        {"event_id": f"{p}-{i}", "event_time": t.isoformat(), **{k: v for k, v in row.items() if k != "petal_width"}}
+    ),
+    lambda i, p, row, t: orjson.dumps(
+        {"event_id": f"{p}-{i}", "event_time": t.isoformat(), **row, "sepal_length": "wide"}
+    ),
     lambda i, p, row, t: orjson.dumps({"event_time": t.isoformat(), **row}),
 ]
 
@@ -91,8 +95,15 @@ class ProduceResult:
     seconds: float = 0.0
 
 
-def produce_events(bootstrap: str, topic: str, count: int, malformed_every: int = 0, rate: float = 0,
-                   prefix: Optional[str] = None, start: int = 0) -> ProduceResult:
+def produce_events(
+    bootstrap: str,
+    topic: str,
+    count: int,
+    malformed_every: int = 0,
+    rate: float = 0,
+    prefix: str | None = None,
+    start: int = 0,
+) -> ProduceResult:
     """Send ``count`` events (iris rows, cycled); every ``malformed_every``-th one is malformed.
     ``rate`` events/s (0 = as fast as possible)."""
     from confluent_kafka import Producer
@@ -148,6 +159,6 @@ def ensure_topic(bootstrap: str, topic: str, partitions: int = 2) -> None:
     fut = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[topic]
     try:
         fut.result(30)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         if "TOPIC_ALREADY_EXISTS" not in str(e):
             raise

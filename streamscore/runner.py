@@ -1,103 +1,128 @@
-"""The micro-batch pipeline shared by the stream and the backfill jobs.
+"""The stream's micro-batch processor and the loop that stops its query between batches.
 
 ``foreachBatch(batch_df, batch_id)``: pick the batch's model version (the watcher may swap here),
-score every row once (persisted, so the UDF runs once), append scored rows and dead-letter rows to
-Delta idempotently (``txnAppId``/``txnVersion``), log the batch's metrics, then let the watcher
-poll the registry.
+score and write it (:func:`streamscore.pipeline.score_and_write`: Delta appends with
+``txnAppId``/``txnVersion``, so a replayed batch is not written twice), log the batch's metrics,
+then let the watcher poll the registry.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections import Counter, deque
-from typing import Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from pyspark import StorageLevel
+from pyspark.sql import DataFrame
 
-from scoring import io as sio
-from scoring.transform import (DEAD_LETTER_DDL, count_outcomes, dead_letter_rows, output_schema_ddl, score,
-                               scored_rows)
+from streamscore.pipeline import Outcome, Sinks, score_and_write
+from streamscore.scoring import io as sio
+from streamscore.scoring import schema
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+    from pyspark.sql.streaming import StreamingQuery
+
+    from streamscore.registry_watch.watcher import RegistryWatcher
+    from streamscore.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
+class RecentSample:
+    """The last valid raw events the stream scored: the validation gate scores a candidate on them."""
+
+    def __init__(self, size: int = 50, per_batch: int = 20):
+        self._rows: deque[str] = deque(maxlen=size)
+        self.per_batch = per_batch
+
+    def take_from(self, results: DataFrame, rows_scored: int) -> None:
+        if rows_scored:
+            picked = results.where("ok").select("raw_value").limit(self.per_batch).collect()
+            self._rows.extend(r.raw_value for r in picked)
+
+    def rows(self) -> list[str]:
+        return list(self._rows)
+
+
 class BatchProcessor:
-    def __init__(self, spark, settings, watcher, tracker, recent_rows: int = 50):
+    def __init__(
+        self,
+        spark: SparkSession,
+        watcher: RegistryWatcher,
+        tracker: Tracker,
+        sinks: Sinks,
+        recent: RecentSample,
+    ):
         self.spark = spark
-        self.settings = settings
         self.watcher = watcher
         self.tracker = tracker
-        self.app_id = settings.app_id
-        self.output_path = settings.output_path
-        self.dead_letter_path = settings.dead_letter_path
-        self.totals = Counter()
-        self.rows_by_version: Counter = Counter()
+        self.sinks = sinks
+        self.recent = recent
+        self.totals: Counter[str] = Counter()
+        self.rows_by_version: Counter[str] = Counter()
         self.batches = 0
         self.last_input_at = time.time()
-        self._recent: deque = deque(maxlen=recent_rows)
-        self.batch_log: list[dict] = []
+        self.batch_log: list[dict[str, Any]] = []
 
     def ensure_tables(self) -> None:
         spec = self.watcher.spec
-        sio.ensure_delta_table(self.spark, self.output_path, output_schema_ddl(spec))
-        sio.ensure_delta_table(self.spark, self.dead_letter_path, DEAD_LETTER_DDL)
+        assert spec is not None, "the watcher must be started first"
+        sio.ensure_delta_table(self.spark, self.sinks.scored.path, schema.output_schema(spec))
+        sio.ensure_delta_table(self.spark, self.sinks.dead_letter.path, schema.DEAD_LETTER)
 
-    def recent_sample(self) -> list[str]:
-        """Recent valid raw events, used by the validation gate."""
-        return list(self._recent)
-
-    def __call__(self, batch_df, batch_id: int) -> None:
+    def __call__(self, batch_df: DataFrame, batch_id: int) -> None:
         t0 = time.time()
         handle = self.watcher.model_for_batch(batch_id)
-        results = score(batch_df, handle, self.watcher.spec, batch_id).persist(StorageLevel.MEMORY_AND_DISK)
-        try:
-            t_score = time.time()
-            scored, dead = count_outcomes(results)
-            rows_in = scored + dead
-            t_write = time.time()
-            if scored:
-                sio.append_idempotent(scored_rows(results, self.watcher.spec), self.output_path, self.app_id, batch_id)
-                self._recent.extend(r.raw_value for r in results.where("ok").select("raw_value").limit(20).collect())
-            if dead:
-                sio.append_idempotent(dead_letter_rows(results), self.dead_letter_path, self.app_id + "-dead-letter",
-                                      batch_id)
-            t_done = time.time()
-        finally:
-            results.unpersist()
-        seconds = time.time() - t0
-        phases = {"pick_model_s": t_score - t0, "score_s": t_write - t_score, "write_s": t_done - t_write}
+        t_picked = time.time()
+        assert self.watcher.spec is not None
+        outcome = score_and_write(batch_df, handle, self.watcher.spec, batch_id, self.sinks, self.recent.take_from)
+        self._account(batch_id, handle.version, outcome, t_picked - t0, time.time() - t0)
+        self.watcher.batch_scored(batch_id, outcome.rows_scored)
+        self.watcher.poll()
+
+    def _account(self, batch_id: int, version: str, o: Outcome, pick_s: float, seconds: float) -> None:
+        phases = {"pick_model_s": pick_s, "score_s": o.score_s, "write_s": o.write_s}
         self.batches += 1
-        self.totals.update(rows_in=rows_in, rows_scored=scored, rows_dead_lettered=dead)
-        self.rows_by_version[handle.version] += scored
-        if rows_in:
+        self.totals.update(rows_in=o.rows_in, rows_scored=o.rows_scored, rows_dead_lettered=o.rows_dead_lettered)
+        self.rows_by_version[version] += o.rows_scored
+        if o.rows_in:
             self.last_input_at = time.time()
-        entry = {"batch_id": batch_id, "model_version": handle.version, "rows_in": rows_in,
-                 "rows_scored": scored, "rows_dead_lettered": dead, "seconds": round(seconds, 3),
-                 **{k: round(v, 3) for k, v in phases.items()}}
-        self.batch_log.append(entry)
-        log.info("batch %d: %d in, %d scored, %d dead-lettered by version %s in %.2fs (%s)",
-                 batch_id, rows_in, scored, dead, handle.version, seconds,
-                 ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+        counts = {"rows_in": o.rows_in, "rows_scored": o.rows_scored, "rows_dead_lettered": o.rows_dead_lettered}
+        self.batch_log.append(
+            {
+                "batch_id": batch_id,
+                "model_version": version,
+                **counts,
+                "seconds": round(seconds, 3),
+                **{k: round(v, 3) for k, v in phases.items()},
+            }
+        )
+        log.info(
+            "batch %d: %d in, %d scored, %d dead-lettered by version %s in %.2fs (%s)",
+            batch_id,
+            o.rows_in,
+            o.rows_scored,
+            o.rows_dead_lettered,
+            version,
+            seconds,
+            ", ".join(f"{k} {v:.2f}" for k, v in phases.items()),
+        )
         self.tracker.log_metrics(
             {
-                "rows_in": rows_in,
-                "rows_scored": scored,
-                "rows_dead_lettered": dead,
+                **counts,
                 "batch_duration_s": seconds,
-                "rows_per_s": rows_in / seconds if seconds > 0 else 0.0,
+                "rows_per_s": o.rows_in / seconds if seconds > 0 else 0.0,
                 **phases,
-                "model_version": float(handle.version) if handle.version.isdigit() else None,
+                "model_version": float(version) if version.isdigit() else None,
                 "tracking_metrics_dropped": self.tracker.dropped,
             },
             step=batch_id,
         )
-        self.watcher.batch_scored(batch_id, scored)
-        self.watcher.poll()
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         return {
             "rows_in": self.totals["rows_in"],
             "rows_scored": self.totals["rows_scored"],
@@ -108,32 +133,26 @@ class BatchProcessor:
 
 
 class StopController:
-    """Stops a streaming query between batches: on SIGTERM/SIGINT, after ``max_batches``, after
-    ``idle_timeout_s`` without input, or when ``should_stop()`` says so."""
+    """Stops a streaming query between batches: when ``stop_requested`` is set (SIGTERM / SIGINT),
+    after ``max_batches``, after ``idle_timeout_s`` without input, or when ``should_stop()`` says so."""
 
-    def __init__(self, processor: BatchProcessor, max_batches: Optional[int] = None,
-                 idle_timeout_s: Optional[float] = None, should_stop=None):
+    def __init__(
+        self,
+        processor: BatchProcessor,
+        stop_requested: threading.Event,
+        max_batches: int | None = None,
+        idle_timeout_s: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ):
         self.processor = processor
+        self.stop_requested = stop_requested
         self.max_batches = max_batches
         self.idle_timeout_s = idle_timeout_s
         self.should_stop = should_stop
-        self.reason: Optional[str] = None
-        self._signal = threading.Event()
+        self.reason: str | None = None
 
-    def install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def handler(signum, _frame):
-            log.warning("received %s: stopping after the current batch", signal.Signals(signum).name)
-            self.reason = "killed"
-            self._signal.set()
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-
-    def _want_stop(self) -> Optional[str]:
-        if self._signal.is_set():
+    def _want_stop(self) -> str | None:
+        if self.stop_requested.is_set():
             return "killed"
         if self.max_batches and self.processor.batches >= self.max_batches:
             return "max_batches"
@@ -143,7 +162,7 @@ class StopController:
             return "requested"
         return None
 
-    def run(self, query) -> str:
+    def run(self, query: StreamingQuery) -> str:
         """Block until the query ends by itself or a stop condition holds; returns why it ended."""
         while query.isActive:
             reason = self._want_stop()
@@ -151,7 +170,7 @@ class StopController:
                 self.reason = reason
                 query.stop()
                 break
-            query.awaitTermination(0.2)
+            query.awaitTermination(0.2)  # type: ignore[arg-type] # seconds; pyspark takes a float
         if query.exception() is not None:
             raise RuntimeError(f"streaming query failed: {query.exception()}")
         return self.reason or "completed"

@@ -1,24 +1,26 @@
 """SparkSession for the jobs: Delta + Kafka connector from a local jar folder, Python workers on
-this interpreter, UTC session time zone."""
+this interpreter, UTC session time zone. When the command logs to a file (see
+:mod:`streamscore.logs`), a JVM started here writes its output there, not on the console."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from pyspark.sql import SparkSession
+
+from streamscore.logs import redirect_fds_to_log
+
+if TYPE_CHECKING:
+    from streamscore.conf.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def build_spark(settings) -> SparkSession:
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+def spark_conf(settings: Settings) -> dict[str, str]:
     sp = settings.spark
-    builder = SparkSession.builder.appName(sp.app_name)
-    if sp.master:
-        builder = builder.master(sp.master)
     conf = {
         "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
         "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
@@ -30,14 +32,26 @@ def build_spark(settings) -> SparkSession:
         "spark.databricks.delta.snapshotPartitions": "2",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.driver.extraJavaOptions": "-Dlog4j2.level=WARN",
+        "spark.executor.extraJavaOptions": "-Dlog4j2.level=WARN",
     }
     if sp.use_local_jars:
-        from infra.jars import ensure_spark_jars
+        from streamscore.infra.jars import ensure_spark_jars
 
         conf["spark.jars"] = ",".join(ensure_spark_jars(settings.home))
     conf.update(sp.conf)
-    for k, v in conf.items():
+    return conf
+
+
+def build_spark(settings: Settings) -> SparkSession:
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    sp = settings.spark
+    builder = SparkSession.builder.appName(sp.app_name)
+    if sp.master:
+        builder = builder.master(sp.master)
+    for k, v in spark_conf(settings).items():
         builder = builder.config(k, v)
-    spark = builder.getOrCreate()
+    with redirect_fds_to_log():
+        spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark

@@ -12,12 +12,51 @@ import logging
 import os
 import time
 from collections import deque
-from typing import Any, Optional
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+from streamscore.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mlflow.entities import Metric
+
+    from streamscore.conf.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def configure_mlflow(settings) -> tuple[str, str]:
+class Tracker(Protocol):
+    """What the jobs need from a run tracker (:class:`RunTracker`, :class:`MirroredTracker`)."""
+
+    @property
+    def tracking_uri(self) -> str: ...
+
+    @property
+    def run_id(self) -> str | None: ...
+
+    @property
+    def dropped(self) -> int: ...
+
+    @property
+    def buffered(self) -> int: ...
+
+    @property
+    def mirror_run_id(self) -> str | None: ...
+
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str: ...
+
+    def log_metrics(self, metrics: Mapping[str, float | None], step: int) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None: ...
+
+    def flush(self) -> bool: ...
+
+    def finish(self, status: str, summary: dict[str, Any] | None = None) -> None: ...
+
+
+def configure_mlflow(settings: Settings) -> tuple[str, str]:
     """Point mlflow at the configured tracking and registry URIs; returns both."""
     import mlflow
 
@@ -47,14 +86,14 @@ def _check_azureml_plugin() -> None:
 
     names = {ep.name for ep in entry_points(group="mlflow.tracking_store")}
     if "azureml" not in names:
-        from conf.settings import ConfigError
+        raise ConfigError(
+            "tracking.uri is an azureml:// URI but the azureml-mlflow plugin is not installed "
+            "(pip install 'streamscore[azure]')"
+        )
 
-        raise ConfigError("tracking.uri is an azureml:// URI but the azureml-mlflow plugin is not installed "
-                          "(pip install 'streamscore[azure]')")
 
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
-    out = {}
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
@@ -71,12 +110,12 @@ class RunTracker:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.client = MlflowClient(tracking_uri)
-        self.run_id: Optional[str] = None
-        self.experiment_id: Optional[str] = None
-        self._buffer: deque = deque()
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._buffer: deque[Metric] = deque()
         self._max = buffer_max_entries
         self.dropped = 0
-        self._outage_since: Optional[float] = None
+        self._outage_since: float | None = None
 
     # -- run lifecycle ---------------------------------------------------------------------------
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
@@ -92,7 +131,15 @@ class RunTracker:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
         return self.run_id
 
-    def finish(self, status: str, summary: Optional[dict] = None) -> None:
+    @property
+    def mirror_run_id(self) -> str | None:
+        return None
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        if self.run_id is not None:
+            self.client.log_artifact(self.run_id, local_path, artifact_path)
+
+    def finish(self, status: str, summary: dict[str, Any] | None = None) -> None:
         if self.run_id is None:
             return
         self.flush()
@@ -107,7 +154,7 @@ class RunTracker:
             log.warning("could not close MLflow run %s (%s): %s", self.run_id, status, e)
 
     # -- metrics -----------------------------------------------------------------------------------
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float | None], step: int) -> None:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
@@ -121,6 +168,8 @@ class RunTracker:
         self.flush()
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        if self.run_id is None:
+            return
         try:
             for k, v in tags.items():
                 self.client.set_tag(self.run_id, k, v)
@@ -140,16 +189,18 @@ class RunTracker:
             self._outage(e)
             return False
         if self._outage_since is not None:
-            log.warning("tracking server back after %.0fs; buffered metrics flushed (%d dropped)",
-                        time.time() - self._outage_since, self.dropped)
+            log.warning(
+                "tracking server back after %.0fs; buffered metrics flushed (%d dropped)",
+                time.time() - self._outage_since,
+                self.dropped,
+            )
             self._outage_since = None
         return True
 
     def _outage(self, e: Exception) -> None:
         if self._outage_since is None:
             self._outage_since = time.time()
-            log.warning("tracking server unreachable (%s); buffering metrics (at most %d)",
-                        type(e).__name__, self._max)
+            log.warning("tracking server unreachable (%s); buffering metrics (at most %d)", type(e).__name__, self._max)
 
     @property
     def buffered(self) -> int:
@@ -163,30 +214,60 @@ class MirroredTracker:
 
     def __init__(self, primary: RunTracker, mirror: RunTracker):
         self.primary = primary
-        self.mirror: Optional[RunTracker] = mirror
+        self.mirror: RunTracker | None = mirror
 
-    def __getattr__(self, name):  # run_id, dropped, buffered, tracking_uri, ... of the primary
-        return getattr(self.primary, name)
+    @property
+    def tracking_uri(self) -> str:
+        return self.primary.tracking_uri
+
+    @property
+    def run_id(self) -> str | None:
+        return self.primary.run_id
+
+    @property
+    def dropped(self) -> int:
+        return self.primary.dropped
+
+    @property
+    def buffered(self) -> int:
+        return self.primary.buffered
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         run_id = self.primary.start(run_name, params, tags)
+        if self.mirror is None:
+            return run_id
         try:
-            self.mirror.start(run_name, params, {**tags, "streamscore.primary_run_id": run_id,
-                                                 "streamscore.primary_tracking_uri": self.primary.tracking_uri})
+            self.mirror.start(
+                run_name,
+                params,
+                {
+                    **tags,
+                    "streamscore.primary_run_id": run_id,
+                    "streamscore.primary_tracking_uri": self.primary.tracking_uri,
+                },
+            )
         except Exception as e:  # noqa: BLE001
-            log.warning("mirror tracking target %s unavailable, not mirroring this run: %s",
-                        self.mirror.tracking_uri, e)
+            log.warning(
+                "mirror tracking target %s unavailable, not mirroring this run: %s", self.mirror.tracking_uri, e
+            )
             self.mirror = None
         return run_id
 
     @property
-    def mirror_run_id(self) -> Optional[str]:
+    def mirror_run_id(self) -> str | None:
         return self.mirror.run_id if self.mirror else None
 
-    def _both(self):
+    def _both(self) -> list[RunTracker]:
         return [t for t in (self.primary, self.mirror) if t is not None]
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        for t in self._both():
+            try:
+                t.log_artifact(local_path, artifact_path)
+            except Exception as e:  # noqa: BLE001
+                log.warning("could not store %s in run %s: %s", local_path, t.run_id, e)
+
+    def log_metrics(self, metrics: Mapping[str, float | None], step: int) -> None:
         for t in self._both():
             t.log_metrics(metrics, step)
 
@@ -197,12 +278,12 @@ class MirroredTracker:
     def flush(self) -> bool:
         return all([t.flush() for t in self._both()])
 
-    def finish(self, status: str, summary: Optional[dict] = None) -> None:
+    def finish(self, status: str, summary: dict[str, Any] | None = None) -> None:
         for t in self._both():
             t.finish(status, summary)
 
 
-def make_tracker(settings, tracking_uri: str):
+def make_tracker(settings: Settings, tracking_uri: str) -> Tracker:
     t = settings.tracking
     primary = RunTracker(tracking_uri, t.experiment, t.buffer_max_entries)
     if not t.mirror_uri:

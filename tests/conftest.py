@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,49 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 _counter = itertools.count()
 
 
+def _checkout_changes() -> set[str] | None:
+    """``git status --porcelain`` lines of the checkout (None outside a git work tree)."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return set(out.stdout.splitlines()) if out.returncode == 0 else None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_BEFORE] = _checkout_changes()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The test run must leave the checkout as it found it (outputs go to temporary folders)."""
+    before, after = session.config.stash.get(_BEFORE, None), _checkout_changes()
+    if before is None or after is None:
+        return
+    new = sorted(after - before)
+    if new:
+        print("\nthe test run changed the checkout:\n  " + "\n  ".join(new), file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_BEFORE = pytest.StashKey[set[str] | None]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_default_outside_checkout(tmp_path_factory):
+    """MLflow's default store is ``mlflow.db`` / ``mlruns`` in the working directory. Until a test
+    says where to track (the ``tracking`` fixture, or a job's settings), anything logged goes to a
+    temporary folder, never into the checkout."""
+    store = tmp_path_factory.mktemp("mlflow-default")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
+    return os.environ["MLFLOW_TRACKING_URI"]
+
+
 @pytest.fixture(scope="session")
 def home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("streamscore-home")
@@ -27,7 +71,7 @@ def home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def services(home):
-    from infra.services import KafkaService, MlflowService, free_port
+    from streamscore.infra.services import KafkaService, MlflowService, free_port
 
     kafka = KafkaService(home, free_port(), free_port())
     mlflow_srv = MlflowService(home, free_port())
@@ -36,8 +80,12 @@ def services(home):
         for s in (kafka, mlflow_srv):
             s.start(timeout=180)
             started.append(s)
-        yield {"kafka": kafka.address, "mlflow": mlflow_srv.address, "kafka_service": kafka,
-               "mlflow_service": mlflow_srv}
+        yield {
+            "kafka": kafka.address,
+            "mlflow": mlflow_srv.address,
+            "kafka_service": kafka,
+            "mlflow_service": mlflow_srv,
+        }
     finally:
         for s in reversed(started):
             s.stop()
@@ -55,7 +103,7 @@ def tracking(services):
 
 @pytest.fixture(scope="session")
 def spark(services, home):
-    from conf.settings import load_settings
+    from streamscore.conf.settings import load_settings
     from streamscore.spark import build_spark
 
     settings = load_settings("local", overrides={"app": {"home": str(home)}, "spark": {"master": "local[2]"}})
@@ -67,7 +115,7 @@ def spark(services, home):
 @pytest.fixture
 def make_settings(services, tracking, home, tmp_path):
     """Settings for one test: its own topic, tables, checkpoint and model name."""
-    from conf.settings import load_settings
+    from streamscore.conf.settings import load_settings
 
     def make(name: str | None = None, **sections):
         n = next(_counter)
@@ -75,8 +123,11 @@ def make_settings(services, tracking, home, tmp_path):
             "app": {"home": str(home)},
             "spark": {"master": "local[2]"},
             "source": {"kafka": {"bootstrap_servers": services["kafka"], "topic": f"t{n}-{int(time.time())}"}},
-            "sink": {"output_path": str(tmp_path / f"scored{n}"), "dead_letter_path": str(tmp_path / f"dead{n}"),
-                     "checkpoint_path": str(tmp_path / f"cp{n}")},
+            "sink": {
+                "output_path": str(tmp_path / f"scored{n}"),
+                "dead_letter_path": str(tmp_path / f"dead{n}"),
+                "checkpoint_path": str(tmp_path / f"cp{n}"),
+            },
             "tracking": {"uri": services["mlflow"], "experiment": "streamscore-tests"},
             "model": {"name": name or f"iris-test-{n}-{int(time.time())}"},
             "trigger": {"processing_time": "1 second"},

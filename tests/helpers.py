@@ -11,6 +11,7 @@ import mlflow.pyfunc
 import pandas as pd
 
 from streamscore.demo import FEATURES, iris_frame
+from streamscore.streaming import StreamHandle
 
 
 class RaisingModel(mlflow.pyfunc.PythonModel):
@@ -32,8 +33,13 @@ def register_pyfunc(name: str, model, X: pd.DataFrame, y) -> str:
     from mlflow.models import infer_signature
 
     with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="model", python_model=model, signature=infer_signature(X, y),
-                                       input_example=X.head(3), registered_model_name=name)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=model,
+            signature=infer_signature(X, y),
+            input_example=X.head(3),
+            registered_model_name=name,
+        )
     return str(info.registered_model_version)
 
 
@@ -62,16 +68,16 @@ class StreamThread:
     """Runs ``run_stream`` in a thread until :meth:`stop`; exposes the processor and watcher."""
 
     def __init__(self, settings):
-        from streamscore.app import run_stream
+        from streamscore.streaming import run_stream
 
-        self.ready: dict = {}
+        self.handle: StreamHandle | None = None
         self.summary: dict | None = None
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._ready_evt = threading.Event()
 
-        def on_ready(info):
-            self.ready.update(info)
+        def on_ready(handle: StreamHandle) -> None:
+            self.handle = handle
             self._ready_evt.set()
 
         def target():
@@ -89,11 +95,13 @@ class StreamThread:
 
     @property
     def processor(self):
-        return self.ready["processor"]
+        assert self.handle is not None
+        return self.handle.processor
 
     @property
     def watcher(self):
-        return self.ready["watcher"]
+        assert self.handle is not None
+        return self.handle.watcher
 
     def stop(self, timeout: float = 120) -> dict:
         self._stop.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
@@ -13,9 +14,14 @@ import pytest
 from mlflow import MlflowClient
 
 from streamscore.backfill import run_backfill
+from streamscore.conf.settings import BackfillRequest
 from streamscore.demo import FEATURES, ensure_topic, iris_frame, produce_events, train_and_register
 
 pytestmark = pytest.mark.integration
+
+
+def _backfill(settings, inp: dict, **options) -> dict:
+    return run_backfill(settings, BackfillRequest.of(input=inp, **options))
 
 
 @pytest.fixture
@@ -23,8 +29,14 @@ def events_table(spark, tmp_path):
     X, _ = iris_frame()
     src = X.copy()
     src.insert(0, "event_id", [f"h-{i}" for i in range(len(src))])
-    src.insert(1, "event_time", [(dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(hours=i)).isoformat()
-                                 for i in range(len(src))])
+    src.insert(
+        1,
+        "event_time",
+        [
+            (dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(hours=i)).isoformat()
+            for i in range(len(src))
+        ],
+    )
     src["day"] = [i // 24 for i in range(len(src))]
     src.loc[30, "sepal_length"] = None  # day 1: dead-lettered
     path = str(tmp_path / "history")
@@ -46,7 +58,7 @@ def test_delta_range_rerun_and_second_version(spark, make_settings, events_table
     inp = {"kind": "delta", "path": path, "version": 0, "where": "day BETWEEN 1 AND 3"}  # 72 rows, one bad
     expected = src[(src["day"] >= 1) & (src["day"] <= 3)]
 
-    first = run_backfill(s, inp, chunks=3, output_path=out, dead_letter_path=dead)
+    first = _backfill(s, inp, chunks=3, output_path=out, dead_letter_path=dead)
     assert (first["rows_in"], first["rows_scored"], first["rows_dead_lettered"]) == (72, 71, 1)
     rows = _slice(spark, out, first["backfill_id"])
     assert sorted(rows["event_id"]) == sorted(e for e in expected["event_id"] if e != "h-30")
@@ -55,12 +67,12 @@ def test_delta_range_rerun_and_second_version(spark, make_settings, events_table
     assert (model.predict(rows[FEATURES]) == rows["prediction"].to_numpy()).all()
     assert "missing required field 'sepal_length'" in _slice(spark, dead, first["backfill_id"])["reason"][0]
 
-    again = run_backfill(s, inp, chunks=2, output_path=out, dead_letter_path=dead)
+    again = _backfill(s, inp, chunks=2, output_path=out, dead_letter_path=dead)
     assert again["backfill_id"] == first["backfill_id"]
     assert len(spark.read.format("delta").load(out).toPandas()) == 71  # replaced, not duplicated
     assert len(spark.read.format("delta").load(dead).toPandas()) == 1
 
-    other = run_backfill(s, inp, model_ref=v2, output_path=out, dead_letter_path=dead)
+    other = _backfill(s, inp, model_ref=v2, output_path=out, dead_letter_path=dead)
     assert other["backfill_id"] != first["backfill_id"] and other["model_version"] == v2
     everything = spark.read.format("delta").load(out).toPandas()
     assert len(everything) == 142
@@ -77,8 +89,13 @@ def test_comparison_matches_the_models_own_predictions(spark, make_settings, eve
     s = make_settings()
     v1 = train_and_register(s.model.name, "v1", alias="champion")
     v2 = train_and_register(s.model.name, "v2", alias=None)
-    summary = run_backfill(s, {"kind": "delta", "path": path, "version": 0}, compare_with=v2,
-                           output_path=str(tmp_path / "o"), dead_letter_path=str(tmp_path / "d"))
+    summary = _backfill(
+        s,
+        {"kind": "delta", "path": path, "version": 0},
+        compare_with=v2,
+        output_path=str(tmp_path / "o"),
+        dead_letter_path=str(tmp_path / "d"),
+    )
     valid = src.drop(index=30)
     p1 = mlflow.pyfunc.load_model(f"models:/{s.model.name}/{v1}").predict(valid[FEATURES])
     p2 = mlflow.pyfunc.load_model(f"models:/{s.model.name}/{v2}").predict(valid[FEATURES])
@@ -97,7 +114,7 @@ def test_comparison_matches_the_models_own_predictions(spark, make_settings, eve
     names = {a.path for a in client.list_artifacts(summary["run_id"], "comparison")}
     assert names == {"comparison/comparison.json", "comparison/prediction_distribution.png"}
     local = client.download_artifacts(summary["run_id"], "comparison/comparison.json", str(tmp_path))
-    assert json.loads(open(local).read())["versions"] == {"base": v1, "other": v2}
+    assert json.loads(Path(local).read_text())["versions"] == {"base": v1, "other": v2}
 
 
 def test_kafka_offset_range(spark, make_settings, tmp_path):
@@ -108,10 +125,10 @@ def test_kafka_offset_range(spark, make_settings, tmp_path):
     sent = produce_events(k.bootstrap_servers, k.topic, 100, malformed_every=10, prefix="k")
     rng = {"kind": "kafka", "starting": json.dumps({k.topic: {"0": 20}}), "ending": json.dumps({k.topic: {"0": 60}})}
     out, dead = str(tmp_path / "ko"), str(tmp_path / "kd")
-    summary = run_backfill(s, rng, output_path=out, dead_letter_path=dead)
+    summary = _backfill(s, rng, output_path=out, dead_letter_path=dead)
     assert summary["rows_in"] == 40 and summary["rows_dead_lettered"] == 4
     rows = spark.read.format("delta").load(out).toPandas()
     assert sorted(rows["source_offset"]) == [o for o in range(20, 60) if o % 10 != 9]
     assert set(rows["event_id"]) <= set(sent.valid_ids) and rows["event_id"].is_unique
-    run_backfill(s, rng, output_path=out, dead_letter_path=dead)
+    _backfill(s, rng, output_path=out, dead_letter_path=dead)
     assert len(spark.read.format("delta").load(out).toPandas()) == 36

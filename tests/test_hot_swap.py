@@ -27,8 +27,7 @@ class Producer(threading.Thread):
         n = 0
         try:
             while not self.stop_evt.is_set():
-                r = produce_events(self.bootstrap, self.topic, 100, malformed_every=20, rate=400, prefix="hs",
-                                   start=n)
+                r = produce_events(self.bootstrap, self.topic, 100, malformed_every=20, rate=400, prefix="hs", start=n)
                 n += 100
                 self.valid_ids += r.valid_ids
                 self.sent += r.sent
@@ -51,7 +50,7 @@ def test_swap_refuse_and_rollback_without_restarting_the_query(spark, make_setti
     producer = Producer(k.bootstrap_servers, k.topic)
     producer.start()
     stream = StreamThread(s)
-    query_id = stream.ready["query_id"]
+    query_id = stream.handle.query_id
     p, w = stream.processor, stream.watcher
     try:
         wait_for(lambda: p.rows_by_version.get(v1, 0) > 0, what="rows scored by v1")

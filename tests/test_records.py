@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from registry_watch.resolve import ModelRef
-from scoring.records import score_chunk
-from scoring.spec import Field, InputSpec, SignatureError, compatible, spec_from_signature
 from streamscore.demo import FEATURES, iris_frame
+from streamscore.registry_watch.resolve import ModelRef
+from streamscore.scoring.records import score_chunk
+from streamscore.scoring.spec import Field, InputSpec, SignatureError, compatible, spec_from_signature
 
 SPEC = InputSpec("event_id", "event_time", tuple(Field(f, "double") for f in FEATURES), "long")
 
@@ -107,7 +107,7 @@ def test_worker_model_cache_is_bounded(tmp_path, model):
     import mlflow.sklearn
     from mlflow.models import infer_signature
 
-    from scoring import udf
+    from streamscore.scoring import udf
 
     X, _ = iris_frame()
     path = tmp_path / "m"

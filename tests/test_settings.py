@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conf.settings import ConfigError, load_settings
+from streamscore.conf.settings import ConfigError, load_settings
 
 
 def test_defaults_load_and_relative_paths_go_under_home(tmp_path):
@@ -58,19 +58,31 @@ def test_secrets_are_masked(monkeypatch):
 
 
 def test_azure_uri_is_built_and_incomplete_target_is_named():
-    s = load_settings("azure", overrides=["tracking.azure.subscription_id=sub", "tracking.azure.resource_group=rg",
-                                          "tracking.azure.workspace=ws", "tracking.azure.region=westeurope"])
+    s = load_settings(
+        "azure",
+        overrides=[
+            "tracking.azure.subscription_id=sub",
+            "tracking.azure.resource_group=rg",
+            "tracking.azure.workspace=ws",
+            "tracking.azure.region=westeurope",
+        ],
+    )
     assert s.tracking.effective_uri() == (
         "azureml://westeurope.api.azureml.ms/mlflow/v2.0/subscriptions/sub/resourceGroups/rg"
-        "/providers/Microsoft.MachineLearningServices/workspaces/ws")
+        "/providers/Microsoft.MachineLearningServices/workspaces/ws"
+    )
     s = load_settings("azure", overrides=["tracking.azure.subscription_id=sub"])
     with pytest.raises(ConfigError, match="tracking.azure.resource_group"):
         s.tracking.effective_uri()
 
 
 def test_cli_reports_config_error_with_key_and_json_last_line():
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "stream", "--set", "sink.bogus=1"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamscore", "stream", "--set", "sink.bogus=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "sink.bogus: unknown key" in proc.stderr
     last = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from streamscore.app import run_stream
 from streamscore.demo import FEATURES, ensure_topic, produce_events, train_and_register
+from streamscore.streaming import run_stream
 
 pytestmark = pytest.mark.integration
 
@@ -52,8 +49,12 @@ def test_stream_scores_every_valid_event_once_and_dead_letters_the_rest(spark, m
     assert len(dead) == 40
     assert dead["reason"].notna().all() and dead["raw_value"].notna().all()
     reasons = " | ".join(dead["reason"])
-    for expected in ("invalid JSON", "missing required field 'petal_width'",
-                     "field 'sepal_length': expected a number, got str", "missing required field 'event_id'"):
+    for expected in (
+        "invalid JSON",
+        "missing required field 'petal_width'",
+        "field 'sepal_length': expected a number, got str",
+        "missing required field 'event_id'",
+    ):
         assert expected in reasons
     assert dead["source_offset"].notna().all() and dead["source"].eq(k.topic).all()
 

@@ -9,17 +9,21 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-from conf.settings import ConfigError, load_settings
-from streamscore.app import run_stream
+from streamscore.conf.settings import ConfigError, load_settings
 from streamscore.demo import ensure_topic, produce_events, train_and_register
+from streamscore.streaming import run_stream
 
-AZURE = ["tracking.azure.subscription_id=00000000-0000-0000-0000-000000000000",
-         "tracking.azure.resource_group=rg", "tracking.azure.workspace=ws", "tracking.azure.region=westeurope"]
+AZURE = [
+    "tracking.azure.subscription_id=00000000-0000-0000-0000-000000000000",
+    "tracking.azure.resource_group=rg",
+    "tracking.azure.workspace=ws",
+    "tracking.azure.region=westeurope",
+]
 
 
 @pytest.fixture(scope="module")
 def second_mlflow(home):
-    from infra.services import MlflowService, free_port
+    from streamscore.infra.services import MlflowService, free_port
 
     svc = MlflowService(home / "mirror", free_port())
     svc.start(timeout=180)
@@ -29,8 +33,11 @@ def second_mlflow(home):
 
 @pytest.mark.integration
 def test_mirror_gets_the_same_params_and_metrics(spark, make_settings, second_mlflow):
-    s = make_settings(trigger={"available_now": True}, tracking={"mirror_uri": second_mlflow},
-                      source={"kafka": {"max_offsets_per_trigger": 150}})
+    s = make_settings(
+        trigger={"available_now": True},
+        tracking={"mirror_uri": second_mlflow},
+        source={"kafka": {"max_offsets_per_trigger": 150}},
+    )
     train_and_register(s.model.name, "v1", alias="champion")
     k = s.source.kafka
     ensure_topic(k.bootstrap_servers, k.topic)
@@ -65,8 +72,12 @@ def test_azureml_uri_is_built_and_the_plugin_resolves_it_offline():
 def test_misconfigured_azure_target_stops_the_job_at_start_naming_the_key():
     with pytest.raises(ConfigError, match="tracking.azure.workspace"):
         load_settings("azure", overrides=AZURE[:2] + AZURE[3:]).tracking.effective_uri()
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "stream", "--profile", "azure",
-                           "--set", AZURE[0]], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamscore", "stream", "--profile", "azure", "--set", AZURE[0]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "tracking.azure.resource_group" in proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["status"] == "FAILED"
@@ -88,11 +99,22 @@ class _Recorder:
                 body = self.rfile.read(n).decode() if n else ""
                 rec.calls.append((self.command, self.path, dict(self.headers), body))
                 path = self.path.split("?")[0]
-                info = {"run_id": "r1", "run_uuid": "r1", "experiment_id": "42", "start_time": 1,
-                        "lifecycle_stage": "active", "artifact_uri": "dbfs:/databricks/mlflow/42/r1/artifacts"}
+                info = {
+                    "run_id": "r1",
+                    "run_uuid": "r1",
+                    "experiment_id": "42",
+                    "start_time": 1,
+                    "lifecycle_stage": "active",
+                    "artifact_uri": "dbfs:/databricks/mlflow/42/r1/artifacts",
+                }
                 if path.endswith("experiments/get-by-name"):
-                    resp = {"experiment": {"experiment_id": "42", "name": "/Shared/streamscore",
-                                           "lifecycle_stage": "active"}}
+                    resp = {
+                        "experiment": {
+                            "experiment_id": "42",
+                            "name": "/Shared/streamscore",
+                            "lifecycle_stage": "active",
+                        }
+                    }
                 elif path.endswith("runs/create"):
                     resp = {"run": {"info": {**info, "status": "RUNNING"}, "data": {}}}
                 elif path.endswith("runs/update"):
@@ -120,7 +142,7 @@ class _Recorder:
 
 
 def test_databricks_target_through_the_real_client(monkeypatch):
-    from streamscore.app import run_params
+    from streamscore.streaming import run_params
     from streamscore.tracking import configure_mlflow, make_tracker
 
     for var in ("DATABRICKS_HOST", "DATABRICKS_TOKEN", "MLFLOW_TRACKING_TOKEN"):
@@ -128,9 +150,15 @@ def test_databricks_target_through_the_real_client(monkeypatch):
     monkeypatch.delenv("DATABRICKS_CONFIG_PROFILE", raising=False)
     rec = _Recorder()
     token = "dapi-test-secret-0123456789"
-    s = load_settings("databricks", overrides=[f"tracking.databricks_host={rec.url}", f"tracking.token={token}",
-                                               "tracking.registry_uri=databricks",
-                                               "tracking.experiment=/Shared/streamscore"])
+    s = load_settings(
+        "databricks",
+        overrides=[
+            f"tracking.databricks_host={rec.url}",
+            f"tracking.token={token}",
+            "tracking.registry_uri=databricks",
+            "tracking.experiment=/Shared/streamscore",
+        ],
+    )
     import mlflow
 
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()

@@ -10,7 +10,7 @@ import uuid
 import pytest
 import requests
 
-from registry_watch.webhook import WebhookReceiver, sign, verify
+from streamscore.registry_watch.webhook import WebhookReceiver, sign, verify
 
 SECRET = "test-webhook-secret"
 
@@ -19,8 +19,12 @@ def _post(url, body: dict, secret=SECRET, ts=None, tamper=False):
     raw = json.dumps(body)
     delivery, ts = str(uuid.uuid4()), str(int(ts or time.time()))
     sig = sign(secret, delivery, ts, raw)
-    headers = {"X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": ts, "X-MLflow-Signature": sig,
-               "Content-Type": "application/json"}
+    headers = {
+        "X-MLflow-Delivery-Id": delivery,
+        "X-MLflow-Timestamp": ts,
+        "X-MLflow-Signature": sig,
+        "Content-Type": "application/json",
+    }
     return requests.post(url, data=raw + (" " if tamper else ""), headers=headers, timeout=10)
 
 
@@ -33,8 +37,11 @@ def receiver():
     r.stop()
 
 
-EVENT = {"entity": "model_version_alias", "action": "created", "data": {"name": "m", "alias": "champion",
-                                                                          "version": "2"}}
+EVENT = {
+    "entity": "model_version_alias",
+    "action": "created",
+    "data": {"name": "m", "alias": "champion", "version": "2"},
+}
 
 
 def test_good_signature_requests_a_poll(receiver):
@@ -43,11 +50,14 @@ def test_good_signature_requests_a_poll(receiver):
     assert len(receiver.events) == 1
 
 
-@pytest.mark.parametrize("kwargs, why", [
-    ({"secret": "wrong-secret"}, "signature mismatch"),
-    ({"tamper": True}, "signature mismatch"),
-    ({"ts": time.time() - 3600}, "stale delivery"),
-])
+@pytest.mark.parametrize(
+    "kwargs, why",
+    [
+        ({"secret": "wrong-secret"}, "signature mismatch"),
+        ({"tamper": True}, "signature mismatch"),
+        ({"ts": time.time() - 3600}, "stale delivery"),
+    ],
+)
 def test_bad_deliveries_are_rejected_and_change_nothing(receiver, kwargs, why):
     resp = _post(receiver.url, EVENT, **kwargs)
     assert resp.status_code == 401 and why in resp.json()["error"]
@@ -71,8 +81,15 @@ def test_verify_matches_mlflow_signing():
 
     ts = str(int(time.time()))
     assert sign(SECRET, "d1", ts, '{"a": 1}') == _generate_hmac_signature(SECRET, "d1", ts, '{"a": 1}')
-    assert verify(SECRET, {"X-MLflow-Signature": sign(SECRET, "d1", ts, "x"), "X-MLflow-Delivery-Id": "d1",
-                           "X-MLflow-Timestamp": ts}, b"x", 300) is None
+    assert (
+        verify(
+            SECRET,
+            {"X-MLflow-Signature": sign(SECRET, "d1", ts, "x"), "X-MLflow-Delivery-Id": "d1", "X-MLflow-Timestamp": ts},
+            b"x",
+            300,
+        )
+        is None
+    )
 
 
 @pytest.mark.integration

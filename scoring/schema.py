@@ -1,0 +1,109 @@
+"""Every table and frame schema of the project, in one place (Spark ``StructType``).
+
+* :data:`COORDINATES`: where an input record came from (topic or table, partition, offset, time);
+  every source yields ``value`` (the raw payload) plus these columns;
+* :data:`LINEAGE`: which model version scored a row, when, in which micro-batch;
+* :func:`result_schema`: the struct the scoring UDF returns for each input row;
+* :func:`output_schema`: the scored-rows table; :data:`DEAD_LETTER`: the dead-letter table;
+* :data:`BACKFILL_ID`: the column that names a backfill run's slice of its tables.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql.types import (
+    BooleanType,
+    DataType,
+    DoubleType,
+    FloatType,
+    IntegerType,
+    LongType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+from streamscore.scoring.spec import InputSpec
+
+# MLflow ColSpec type name -> Spark type
+SPARK_TYPES: dict[str, DataType] = {
+    "double": DoubleType(),
+    "float": FloatType(),
+    "long": LongType(),
+    "integer": IntegerType(),
+    "string": StringType(),
+    "boolean": BooleanType(),
+}
+
+VALUE = "value"  # the raw payload column of every source (binary from Kafka, string from Delta)
+
+COORDINATES = StructType(
+    [
+        StructField("source", StringType()),  # Kafka topic or Delta table path
+        StructField("source_partition", IntegerType()),
+        StructField("source_offset", LongType()),
+        StructField("source_timestamp", TimestampType()),
+    ]
+)
+
+LINEAGE = StructType(
+    [
+        StructField("model_name", StringType()),
+        StructField("model_version", StringType()),
+        StructField("model_run_id", StringType()),
+        StructField("scored_at", TimestampType()),
+        StructField("batch_id", LongType()),
+    ]
+)
+
+EVENT = StructType([StructField("event_id", StringType()), StructField("event_time", TimestampType())])
+
+DEAD_LETTER = StructType(
+    [
+        StructField("raw_value", StringType()),
+        StructField("reason", StringType()),
+        *COORDINATES.fields,
+        StructField("model_name", StringType()),
+        StructField("model_version", StringType()),
+        StructField("batch_id", LongType()),
+        StructField("dead_lettered_at", TimestampType()),
+    ]
+)
+
+BACKFILL_ID = StructField("backfill_id", StringType())
+
+
+def names(schema: StructType) -> list[str]:
+    return [f.name for f in schema.fields]
+
+
+def feature_fields(spec: InputSpec) -> list[StructField]:
+    return [StructField(f.name, SPARK_TYPES[f.type]) for f in spec.features]
+
+
+def prediction_field(spec: InputSpec) -> StructField:
+    return StructField("prediction", SPARK_TYPES[spec.prediction_type])
+
+
+def result_schema(spec: InputSpec) -> StructType:
+    """What the scoring UDF returns per input row: ``ok`` + ``reason``, then the parsed event."""
+    return StructType(
+        [
+            StructField("ok", BooleanType()),
+            StructField("reason", StringType()),
+            *EVENT.fields,
+            *feature_fields(spec),
+            prediction_field(spec),
+        ]
+    )
+
+
+def output_schema(spec: InputSpec) -> StructType:
+    """The scored-rows table: event, features, prediction, lineage, source coordinates."""
+    return StructType(
+        [*EVENT.fields, *feature_fields(spec), prediction_field(spec), *LINEAGE.fields, *COORDINATES.fields]
+    )
+
+
+def with_backfill_id(schema: StructType) -> StructType:
+    return StructType([*schema.fields, BACKFILL_ID])

@@ -1,0 +1,265 @@
+"""The continuous scoring job: a Kafka topic or Delta table, scored into Delta by the model version
+the registry watcher serves, until it is stopped.
+
+:func:`run_stream` wires the pieces inside one :class:`~streamscore.lifecycle.JobContext`: the
+watcher (its validation gate samples the stream's recent input), the micro-batch processor and its
+sinks, the streaming query, the optional webhook receiver, and the stop controller.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from streamscore.lifecycle import JobContext
+from streamscore.pipeline import Sinks
+from streamscore.registry_watch.gate import ValidationGate
+from streamscore.registry_watch.resolve import ModelRef
+from streamscore.registry_watch.watcher import BatchLedger, Refusal, RegistryWatcher, SwapEvent
+from streamscore.runner import BatchProcessor, RecentSample, StopController
+from streamscore.scoring import io as sio
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.streaming import StreamingQuery
+
+    from streamscore.conf.settings import Settings
+    from streamscore.registry_watch.webhook import WebhookReceiver
+    from streamscore.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamHandle:
+    """What a running stream exposes to its caller (``on_ready``): the demo and the tests watch it."""
+
+    query_id: str
+    run_id: str
+    model_version: str
+    processor: BatchProcessor
+    watcher: RegistryWatcher
+
+
+def ledger_path(settings: Settings) -> Path:
+    cp = settings.checkpoint_path
+    if "://" in cp or cp.startswith("dbfs:"):
+        return settings.home / "ledgers" / f"{settings.app_id}.jsonl"
+    return Path(cp) / "streamscore" / "batch_versions.jsonl"
+
+
+def build_gate(
+    settings: Settings,
+    spark: SparkSession | None,
+    client: MlflowClient,
+    recent_sample: Callable[[], list[str]] | None = None,
+) -> ValidationGate:
+    return ValidationGate(
+        client,
+        settings.model.name,
+        settings.home / "models",
+        settings.source.event_id_field,
+        settings.source.event_time_field,
+        spark=spark,
+        required_tag=settings.watch.required_tag,
+        sample_rows=settings.watch.sample_rows,
+        recent_sample=recent_sample,
+    )
+
+
+def build_watcher(
+    settings: Settings,
+    spark: SparkSession | None,
+    client: MlflowClient,
+    recent_sample: Callable[[], list[str]] | None = None,
+    tracker: Tracker | None = None,
+) -> RegistryWatcher:
+    """The registry watcher; with a tracker, swaps and refusals are logged to the job's run."""
+    swaps_logged = 0
+
+    def on_swap(ev: SwapEvent) -> None:
+        nonlocal swaps_logged
+        if tracker is None:
+            return
+        swaps_logged += 1
+        tracker.log_metrics(
+            {
+                "swap_latency_s": ev.swap_latency_s,
+                "swap_to_version": float(ev.to_version),
+                "swap_gate_s": ev.gate_seconds,
+            },
+            step=ev.first_batch_id or 0,
+        )
+        tracker.set_tags({f"streamscore.swap.{swaps_logged}": json.dumps(ev.as_dict(), default=str)})
+
+    def on_refusal(r: Refusal) -> None:
+        if tracker is None:
+            return
+        tracker.log_metrics({"refused_version": float(r.version) if r.version.isdigit() else -1.0}, step=int(r.at))
+        tracker.set_tags({f"streamscore.refused.v{r.version}": r.reason[:5000]})
+
+    return RegistryWatcher(
+        client,
+        settings.model.name,
+        ModelRef.parse(settings.model.ref),
+        build_gate(settings, spark, client, recent_sample),
+        BatchLedger(ledger_path(settings)),
+        poll_interval_s=settings.watch.poll_interval_s,
+        retry_refused_after_s=settings.watch.retry_refused_after_s,
+        on_swap=on_swap,
+        on_refusal=on_refusal,
+    )
+
+
+def start_webhook(
+    settings: Settings, watcher: RegistryWatcher, client: MlflowClient, ctx: JobContext
+) -> WebhookReceiver:
+    """Receive registry webhooks (each verified delivery asks the watcher to poll); the receiver and
+    the webhook it registered on the MLflow server are removed when the job ends."""
+    from streamscore.registry_watch.webhook import WebhookReceiver
+
+    wh = settings.watch.webhook
+    assert wh.secret is not None  # the settings refuse an enabled webhook without one
+    secret = wh.secret.get_secret_value()
+    receiver = WebhookReceiver(
+        secret,
+        settings.model.name,
+        lambda _ev, ts: watcher.request_poll(alias_set_at=ts),
+        host=wh.host,
+        port=wh.port,
+        max_age_s=wh.max_age_s,
+    ).start()
+    ctx.on_close(receiver.stop)
+    if wh.register_on_server:
+        hook = client.create_webhook(
+            name=f"streamscore-{settings.app_id}",
+            url=receiver.url,
+            secret=secret,
+            events=["model_version_alias.created", "model_version.created"],
+        )
+        ctx.on_close(lambda: client.delete_webhook(hook.webhook_id))
+    log.info("webhook receiver listening on %s", receiver.url)
+    return receiver
+
+
+def run_params(settings: Settings) -> dict[str, Any]:
+    s = settings.masked()
+    sink = {
+        **s["sink"],
+        "output_path": settings.output_path,
+        "dead_letter_path": settings.dead_letter_path,
+        "checkpoint_path": settings.checkpoint_path,
+        "app_id": settings.app_id,
+    }
+    return {
+        "source": s["source"],
+        "sink": sink,
+        "model": s["model"],
+        "trigger": s["trigger"],
+        "watch": s["watch"],
+        "profile": settings.profile,
+    }
+
+
+def read_events(spark: SparkSession, settings: Settings) -> DataFrame:
+    src = settings.source
+    return sio.read_kafka_stream(spark, src.kafka) if src.kind == "kafka" else sio.read_delta_stream(spark, src.delta)
+
+
+def start_query(events: DataFrame, processor: BatchProcessor, settings: Settings) -> StreamingQuery:
+    writer = (
+        events.writeStream.foreachBatch(processor)
+        .option("checkpointLocation", settings.checkpoint_path)
+        .queryName(f"streamscore-{settings.app_id}")
+    )
+    trig = settings.trigger
+    if trig.available_now:
+        writer = writer.trigger(availableNow=True)
+    elif trig.processing_time:
+        writer = writer.trigger(processingTime=trig.processing_time)
+    return writer.start()
+
+
+def run_stream(
+    settings: Settings,
+    should_stop: Callable[[], bool] | None = None,
+    on_ready: Callable[[StreamHandle], None] | None = None,
+    job: str = "stream",
+) -> dict[str, Any]:
+    """Run the continuous scoring job until it is stopped; returns the JSON summary (raises
+    :class:`~streamscore.errors.JobFailed`, which carries it, when the job fails)."""
+    with JobContext(job, settings) as ctx:
+        _stream(ctx, should_stop, on_ready)
+    return ctx.summary
+
+
+def _stream(
+    ctx: JobContext, should_stop: Callable[[], bool] | None, on_ready: Callable[[StreamHandle], None] | None
+) -> None:
+    settings, spark = ctx.settings, ctx.spark
+    recent = RecentSample()
+    watcher = build_watcher(settings, spark, ctx.client, recent.rows, ctx.tracker)
+    ctx.on_close(watcher.stop)
+    handle = watcher.start()
+    run_id = ctx.start_run(
+        run_params(settings),
+        {"streamscore.model_name": handle.name, "streamscore.initial_model_version": handle.version},
+    )
+    sinks = Sinks(
+        sio.IdempotentAppend(settings.output_path, settings.app_id),
+        sio.IdempotentAppend(settings.dead_letter_path, settings.app_id + "-dead-letter"),
+    )
+    processor = BatchProcessor(spark, watcher, ctx.tracker, sinks, recent)
+    processor.ensure_tables()
+    trig = settings.trigger
+    stopper = StopController(processor, ctx.stop_requested, trig.max_batches, trig.idle_timeout_s, should_stop)
+    ctx.describe(lambda: _summary(settings, ctx, processor, watcher, stopper))
+    query = start_query(read_events(spark, settings), processor, settings)
+    ctx.summary["query_id"] = query.id
+    ctx.on_close(lambda: query.stop() if query.isActive else None)
+    if settings.watch.enabled and settings.watch.background_thread:
+        watcher.start_background()
+    if settings.watch.enabled and settings.watch.webhook.enabled:
+        start_webhook(settings, watcher, ctx.client, ctx)
+    if on_ready:
+        on_ready(StreamHandle(query.id, run_id, handle.version, processor, watcher))
+    stopper.run(query)
+
+
+def _summary(
+    settings: Settings, ctx: JobContext, processor: BatchProcessor, watcher: RegistryWatcher, stopper: StopController
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "query_id": ctx.summary.get("query_id"),
+        "output_table": settings.output_path,
+        "dead_letter_table": settings.dead_letter_path,
+        "checkpoint": settings.checkpoint_path,
+        "tracking_uri": ctx.tracking_uri,
+        "experiment": settings.tracking.experiment,
+        "run_id": ctx.summary.get("run_id"),
+        "model_name": settings.model.name,
+        "model_ref": settings.model.ref,
+        "model_version": watcher.current.version if watcher.current else None,
+        **processor.summary(),
+        "swaps": [
+            {
+                "from_version": e.from_version,
+                "to_version": e.to_version,
+                "first_batch_id": e.first_batch_id,
+                "swap_latency_s": None if e.swap_latency_s is None else round(e.swap_latency_s, 3),
+            }
+            for e in watcher.swaps
+        ],
+        "refused": [{"version": r.version, "reason": r.reason} for r in watcher.refusals],
+        "stop_reason": stopper.reason or "completed",
+        "tracking_metrics_dropped": ctx.tracker.dropped,
+    }
+    if settings.tracking.mirror_uri:
+        out["mirror_tracking_uri"] = settings.tracking.mirror_uri
+        out["mirror_run_id"] = ctx.tracker.mirror_run_id
+    return out

@@ -1,0 +1,114 @@
+"""One job lifecycle on the real services: whatever the exit path, the MLflow run is closed with the
+job's status, its summary is stored with it and printed last; SIGTERM stops a running job after
+its current batch (KILLED, exit 0); the console shows only the project's own lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from streamscore.demo import ensure_topic, produce_events, train_and_register
+from streamscore.errors import GateRefused, JobFailed
+from streamscore.runner import BatchProcessor
+from streamscore.streaming import run_stream
+from tests.helpers import register_raising, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _stored_summary(client: MlflowClient, run_id: str, tmp_path: Path) -> dict:
+    return json.loads(Path(client.download_artifacts(run_id, "summary.json", str(tmp_path))).read_text())
+
+
+def test_a_failing_batch_closes_the_run_failed_with_its_summary(spark, make_settings, monkeypatch, tmp_path):
+    s = make_settings(trigger={"available_now": True})
+    train_and_register(s.model.name, "v1", alias="champion")
+    k = s.source.kafka
+    ensure_topic(k.bootstrap_servers, k.topic)
+    produce_events(k.bootstrap_servers, k.topic, 50, prefix="f")
+
+    def boom(self, *args, **kwargs):
+        raise RuntimeError("boom in the batch accounting")
+
+    monkeypatch.setattr(BatchProcessor, "_account", boom)
+    with pytest.raises(JobFailed, match="boom in the batch accounting") as info:
+        run_stream(s)
+    summary = info.value.summary
+    assert summary["status"] == "FAILED" and "boom" in summary["error"]
+    assert summary["query_id"] and summary["output_table"] == s.output_path
+    client = MlflowClient(s.tracking.uri)
+    assert client.get_run(summary["run_id"]).info.status == "FAILED"
+    stored = _stored_summary(client, summary["run_id"], tmp_path)
+    assert stored["status"] == "FAILED" and stored["run_id"] == summary["run_id"]
+
+
+def test_a_refused_initial_version_fails_naming_model_and_version(spark, make_settings):
+    s = make_settings(trigger={"available_now": True})
+    version = register_raising(s.model.name)
+    MlflowClient(s.tracking.uri).set_registered_model_alias(s.model.name, "champion", version)
+    with pytest.raises(JobFailed) as info:
+        run_stream(s)
+    assert isinstance(info.value.__cause__, GateRefused)
+    error = info.value.summary["error"]
+    assert f"model {s.model.name!r} @champion -> version {version} refused" in error
+    assert "this model version is broken" in error
+
+
+def test_sigterm_stops_a_running_stream_after_its_batch(services, make_settings, tmp_path):
+    s = make_settings()
+    train_and_register(s.model.name, "v1", alias="champion")
+    k = s.source.kafka
+    ensure_topic(k.bootstrap_servers, k.topic)
+    produce_events(k.bootstrap_servers, k.topic, 200, malformed_every=20, prefix="sig")
+    home = tmp_path / "home"
+    sets = {
+        "app.home": str(home),
+        "spark.master": "local[1]",
+        "source.kafka.bootstrap_servers": k.bootstrap_servers,
+        "source.kafka.topic": k.topic,
+        "sink.output_path": s.output_path,
+        "sink.dead_letter_path": s.dead_letter_path,
+        "sink.checkpoint_path": s.checkpoint_path,
+        "tracking.uri": s.tracking.uri,
+        "tracking.experiment": s.tracking.experiment,
+        "model.name": s.model.name,
+        "trigger.processing_time": "1 second",
+    }
+    args = [sys.executable, "-m", "streamscore", "stream"] + [
+        x for k_, v in sets.items() for x in ("--set", f"{k_}={v}")
+    ]
+    stderr_file = tmp_path / "stderr.txt"
+    with open(stderr_file, "w") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, env=dict(os.environ))
+    try:
+        scored = re.compile(r"batch \d+: (\d+) in")
+        wait_for(
+            lambda: sum(int(n) for n in scored.findall(stderr_file.read_text())) >= 200 or proc.poll() is not None,
+            timeout=240,
+            what="the stream's first batches",
+        )
+        assert proc.poll() is None, stderr_file.read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = stderr_file.read_text()
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["status"] == "KILLED" and summary["stop_reason"] == "killed"
+    assert (summary["rows_in"], summary["rows_scored"], summary["rows_dead_lettered"]) == (200, 190, 10)
+    assert MlflowClient(s.tracking.uri).get_run(summary["run_id"]).info.status == "KILLED"
+    # quiet console: only the project's own lines; the JVM and the libraries write to the named file
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines and all(re.match(r"\S+ \S+ (INFO|WARNING|ERROR) streamscore", line) for line in lines), lines
+    log_file = Path(re.search(r"library and JVM logs: (\S+)", stderr).group(1))
+    assert log_file.parent == home / "logs" and log_file.exists()

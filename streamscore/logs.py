@@ -33,6 +33,8 @@ def setup_logging(
     when there is no state folder yet)."""
     global _log_file
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # mlflow would add its own console handler
+    if not verbose:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # download bars on stderr
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_streamscore", False):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import orjson
 
 log = logging.getLogger(__name__)
+_client_log = logging.getLogger("kafka.client")  # librdkafka's own lines: library output (the log file)
 
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 
@@ -111,7 +112,9 @@ def produce_events(
     X, _ = iris_frame()
     rows = X.to_dict(orient="records")
     prefix = prefix or f"evt{int(time.time())}"
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True})
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True, "logger": _client_log}
+    )
     res = ProduceResult(topic)
     t0 = time.time()
     errors: list = []
@@ -153,7 +156,7 @@ def produce_events(
 def ensure_topic(bootstrap: str, topic: str, partitions: int = 2) -> None:
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _client_log})
     if topic in admin.list_topics(timeout=10).topics:
         return
     fut = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[topic]

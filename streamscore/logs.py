@@ -19,6 +19,7 @@ PROJECT_LOGGER = "streamscore"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _log_file: Path | None = None
+_quiet = False
 
 
 class _OwnLines(logging.Filter):
@@ -33,6 +34,10 @@ def setup_logging(
     when there is no state folder yet)."""
     global _log_file
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # mlflow would add its own console handler
+    # stdout carries the command's JSON summary only (the summary names the run and its server)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    global _quiet
+    _quiet = not verbose
     if not verbose:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # download bars on stderr
     root = logging.getLogger()
@@ -64,6 +69,23 @@ def setup_logging(
     if _log_file is not None:
         logging.getLogger(PROJECT_LOGGER).info("library and JVM logs: %s", _log_file)
     return _log_file
+
+
+def quiet_mlflow() -> None:
+    """Send MLflow's own console prints (``Created version '3' of model ...``) to the log file
+    unless verbose; called once MLflow is imported anyway."""
+    if not _quiet:
+        return
+    from mlflow.utils import logging_utils
+
+    prints = logging.getLogger("mlflow.prints")
+
+    def write(text: str) -> None:
+        if text.strip():
+            prints.info(text.rstrip())
+
+    logging_utils.MLFLOW_LOGGING_STREAM.write = write  # type: ignore[method-assign]
+    logging_utils.MLFLOW_LOGGING_STREAM.flush = lambda: None  # type: ignore[method-assign]
 
 
 def _mark(handler: logging.Handler) -> None:

@@ -72,6 +72,9 @@ def configure_mlflow(settings: Settings) -> tuple[str, str]:
             os.environ["DATABRICKS_TOKEN"] = t.token.get_secret_value()
         else:
             os.environ["MLFLOW_TRACKING_TOKEN"] = t.token.get_secret_value()
+    from streamscore.logs import quiet_mlflow
+
+    quiet_mlflow()
     tracking_uri = t.effective_uri()
     registry_uri = t.effective_registry_uri()
     if tracking_uri.startswith("azureml://"):

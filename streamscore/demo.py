@@ -156,7 +156,7 @@ def produce_events(
 def ensure_topic(bootstrap: str, topic: str, partitions: int = 2) -> None:
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _client_log})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _client_log})  # type: ignore[dict-item]
     if topic in admin.list_topics(timeout=10).topics:
         return
     fut = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[topic]

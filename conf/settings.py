@@ -42,6 +42,7 @@ class AppSettings(_Section):
     home: Path = Path(".streamscore")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     run_name: str | None = None
+    preflight_timeout_s: float = Field(30, gt=0)  # each start-up check (broker, topic, tracking) within this
 
 
 class SparkSettings(_Section):
@@ -72,6 +73,7 @@ class SourceSettings(_Section):
     kind: Literal["kafka", "delta"] = "kafka"
     event_id_field: str = "event_id"
     event_time_field: str = "event_time"
+    max_message_bytes: int | None = Field(1_048_576, ge=1)  # larger messages are dead-lettered unparsed
     kafka: KafkaSource = KafkaSource()
     delta: DeltaSource = DeltaSource()
 

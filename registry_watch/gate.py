@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from streamscore.errors import GateRefused, SignatureError
+from streamscore.errors import GateRefused, RegistryError, SignatureError
 from streamscore.registry_watch.resolve import ModelRef, materialize, resolve_version
 from streamscore.scoring.spec import InputSpec, compatible, spec_from_signature
 from streamscore.scoring.udf import ModelHandle, load_model
@@ -56,6 +56,7 @@ class ValidationGate:
         required_tag: str | None = None,
         sample_rows: int = 20,
         recent_sample: Callable[[], list[str]] | None = None,
+        max_message_bytes: int | None = None,
     ):
         self.client = client
         self.model_name = model_name
@@ -66,13 +67,15 @@ class ValidationGate:
         self.required_tag = required_tag
         self.sample_rows = sample_rows
         self.recent_sample = recent_sample
+        self.max_message_bytes = max_message_bytes
 
     def admit(self, ref: ModelRef, stream_spec: InputSpec | None, resolved: ModelVersion | None = None) -> GateResult:
         """Resolve ``ref`` (unless the caller already did: ``resolved``) and validate the version.
 
         ``stream_spec`` None means this version defines the stream's schema. Raises
         :class:`GateRefused` naming the model, the reference and the version, or
-        :class:`~streamscore.errors.RegistryError` when the reference does not resolve."""
+        :class:`~streamscore.errors.RegistryError` when the reference does not resolve or the
+        version cannot be downloaded (transient: not held against the version)."""
         mv = resolved if resolved is not None else resolve_version(self.client, self.model_name, ref)
         try:
             return self._check(mv, stream_spec)
@@ -86,11 +89,16 @@ class ValidationGate:
         self._check_policy(mv)
         try:
             handle = materialize(self.client, mv, self.models_dir, self.spark)
+        except Exception as e:  # registry or storage trouble: not the version's fault, tried again later
+            raise RegistryError(f"{label}: download failed: {type(e).__name__}: {e}") from e
+        try:
             model = load_model(handle)
-        except Exception as e:
+        except Exception as e:  # any load failure refuses the candidate
             raise GateRefused(version, f"does not load: {type(e).__name__}: {e}") from e
         try:
-            spec = spec_from_signature(model.metadata.signature, self.event_id_field, self.event_time_field, label)
+            spec = spec_from_signature(
+                model.metadata.signature, self.event_id_field, self.event_time_field, label, self.max_message_bytes
+            )
             if stream_spec is not None:
                 compatible(stream_spec, spec, label)
         except SignatureError as e:
@@ -136,14 +144,18 @@ class ValidationGate:
 
             from streamscore.scoring.records import score_chunk
 
-            out = score_chunk(pd.Series(sample), spec, load_model(handle))
+            out = score_chunk(pd.Series(sample), spec, load_model(handle), handle.label)
             reasons = list(out[~out["ok"]]["reason"])
         else:
             from streamscore.scoring.transform import as_events, score
 
             df = as_events(self.spark.createDataFrame([(s,) for s in sample], "value string"), "validation-gate")
             parts = max(1, self.spark.sparkContext.defaultParallelism)
-            rows = score(df.repartition(parts), handle, spec, -1).select("ok", "reason").collect()
+            try:
+                rows = score(df.repartition(parts), handle, spec, -1).select("ok", "reason").collect()
+            except Exception as e:  # e.g. the model kills its Python worker
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise GateRefused(version, f"scoring the sample failed: {type(e).__name__}: {first[:500]}") from e
             reasons = [r.reason for r in rows if not r.ok]
         if reasons:
             raise GateRefused(version, f"scoring the {len(sample)}-row sample failed: {reasons[0]}")

@@ -77,7 +77,7 @@ def materialize(
     """Download version ``mv`` once under ``models_dir`` and ship it to executors (``addFile``)."""
     import mlflow.artifacts
 
-    ship_name = f"streamscore-model-{_safe(mv.name)}-v{mv.version}"
+    ship_name = local_name(mv.name, str(mv.version))
     dest = models_dir / ship_name
     if not (dest / "MLmodel").exists():
         tmp = models_dir / (ship_name + ".partial")
@@ -103,6 +103,23 @@ def materialize(
 
 
 _shipped: set[str] = set()
+
+
+def local_name(name: str, version: str) -> str:
+    """The folder a version is downloaded to (under the models folder) and shipped as."""
+    return f"streamscore-model-{_safe(name)}-v{version}"
+
+
+def local_handle(
+    models_dir: Path, name: str, version: str, run_id: str, spark: SparkSession | None = None
+) -> ModelHandle | None:
+    """A handle on a version already downloaded under ``models_dir`` (no registry call), or None."""
+    dest = models_dir / local_name(name, version)
+    if not (dest / "MLmodel").exists():
+        return None
+    if spark is not None and not str(spark.sparkContext.master).startswith("local["):
+        _ship(spark, dest)
+    return ModelHandle(name, version, run_id, str(dest), dest.name)
 
 
 def _ship(spark: SparkSession, folder: Path) -> None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from streamscore.errors import GateRefused, RegistryError
 from streamscore.registry_watch.gate import GateResult, ValidationGate
-from streamscore.registry_watch.resolve import ModelRef, materialize, resolve_version
+from streamscore.registry_watch.resolve import ModelRef, local_handle, materialize, resolve_version
 from streamscore.scoring.spec import InputSpec
 from streamscore.scoring.udf import ModelHandle
 
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 log = logging.getLogger(__name__)
+
+MAX_RETRY_DELAY_S = 300.0  # a version whose validation hit a transient error is tried again at most this late
 
 
 @dataclass
@@ -67,16 +69,29 @@ class _Pending:
 
 
 class BatchLedger:
-    """Append-only record of ``batch_id -> version`` (JSON lines)."""
+    """Append-only record of ``batch_id -> version`` (JSON lines). A line torn by a crash mid-write
+    (the last one, without its newline) is cut off when the ledger is opened, so the next record
+    starts on a line of its own; any other unreadable line is skipped with a warning."""
 
     def __init__(self, path: Path):
         self.path = path
         self._entries: dict[int, dict[str, Any]] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    self._entries[int(rec["batch_id"])] = rec
+        if not path.exists():
+            return
+        raw = path.read_bytes()
+        if raw and not raw.endswith(b"\n"):
+            keep = raw.rfind(b"\n") + 1
+            log.warning("ledger %s: cutting a torn last line (%d bytes)", path, len(raw) - keep)
+            os.truncate(path, keep)
+            raw = raw[:keep]
+        for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                self._entries[int(rec["batch_id"])] = rec
+            except (ValueError, KeyError, TypeError) as e:
+                log.warning("ledger %s line %d unreadable, skipped: %s", path, n, e)
 
     def get(self, batch_id: int) -> dict[str, Any] | None:
         return self._entries.get(batch_id)
@@ -98,7 +113,7 @@ class RegistryWatcher:
         model_name: str,
         ref: ModelRef,
         gate: ValidationGate,
-        ledger: BatchLedger,
+        ledger: BatchLedger | None = None,
         poll_interval_s: float = 5.0,
         retry_refused_after_s: float = 600.0,
         on_swap: Callable[[SwapEvent], None] | None = None,
@@ -118,6 +133,7 @@ class RegistryWatcher:
         self.swaps: list[SwapEvent] = []
         self.refusals: list[Refusal] = []
         self._refused_at: dict[str, float] = {}
+        self._retries: dict[str, tuple[int, float]] = {}  # version -> (failed attempts, next try at)
         self._pending: _Pending | None = None
         self._unscored_swap: SwapEvent | None = None
         self._last_poll = 0.0
@@ -202,6 +218,9 @@ class RegistryWatcher:
         refused_at = self._refused_at.get(version)
         if refused_at is not None and now - refused_at < self.retry_refused_after_s:
             return "refused-recently"
+        retry = self._retries.get(version)
+        if retry is not None and now < retry[1]:
+            return "retry-later"
         return None
 
     def _validate(self, mv: ModelVersion, detected_at: float, alias_set_at: float | None) -> str:
@@ -218,7 +237,11 @@ class RegistryWatcher:
         except GateRefused as e:
             self._refuse(version, e)
             return "refused"
+        except Exception as e:  # noqa: BLE001 - never fails the batch that polled; tried again later
+            self._retry_later(version, e)
+            return "validation-error"
         self._refused_at.pop(version, None)
+        self._retries.pop(version, None)
         recorded_at = self._alias_set_at()
         with self._lock:
             event = SwapEvent(
@@ -233,6 +256,20 @@ class RegistryWatcher:
             self._hint_alias_set_at = None
         log.info("version %s passed the gate in %.1fs; it serves from the next batch", version, result.seconds)
         return "prepared"
+
+    def _retry_later(self, version: str, e: Exception) -> None:
+        attempts, _ = self._retries.get(version, (0, 0.0))
+        delay = min(self.poll_interval_s * 2 ** (attempts + 1), MAX_RETRY_DELAY_S)
+        self._retries[version] = (attempts + 1, time.time() + delay)
+        log.warning(
+            "could not validate version %s (attempt %d: %s: %s); trying again in %.0fs, %s keeps serving",
+            version,
+            attempts + 1,
+            type(e).__name__,
+            e,
+            delay,
+            self.serving.label,
+        )
 
     def _refuse(self, version: str, e: GateRefused) -> None:
         self._refused_at[version] = time.time()
@@ -260,6 +297,8 @@ class RegistryWatcher:
     # -- per batch ---------------------------------------------------------------------------
     def model_for_batch(self, batch_id: int) -> ModelHandle:
         """The one version that scores ``batch_id`` (the ledger's, for a replayed batch)."""
+        if self.ledger is None:
+            raise RuntimeError("the watcher has no batch ledger yet")
         with self._lock:
             seen = self.ledger.get(batch_id)
             if seen is not None:
@@ -294,6 +333,13 @@ class RegistryWatcher:
             self.on_swap(ev)
 
     def _handle_for(self, rec: dict[str, Any]) -> ModelHandle:
+        """The version a ledger record names: from its local files when they are there (a replay
+        after a crash does not need the registry), else downloaded again."""
+        local = local_handle(
+            self.gate.models_dir, rec["name"], str(rec["version"]), rec.get("run_id") or "", self.gate.spark
+        )
+        if local is not None:
+            return local
         mv = self.client.get_model_version(rec["name"], rec["version"])
         return materialize(self.client, mv, self.gate.models_dir, self.gate.spark)
 

@@ -17,6 +17,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
+from streamscore.errors import SinkError
 from streamscore.scoring.schema import VALUE
 from streamscore.scoring.transform import as_events
 
@@ -104,13 +105,44 @@ def read_delta_table(
     return _delta_columns(df, path)
 
 
-def ensure_delta_table(spark: SparkSession, path: str, schema: StructType) -> None:
-    """Create an empty Delta table with ``schema`` at ``path`` unless one is there."""
+def checkpoint_exists(spark: SparkSession, path: str) -> bool | None:
+    """Whether a streaming checkpoint is already at ``path`` (any Hadoop file system URI); None
+    when this session cannot tell (no JVM access, e.g. Spark Connect)."""
+    try:
+        jvm: Any = spark._jvm
+        metadata = jvm.org.apache.hadoop.fs.Path(path.rstrip("/") + "/metadata")
+        return bool(metadata.getFileSystem(spark._jsc.hadoopConfiguration()).exists(metadata))
+    except Exception:  # noqa: BLE001 - purely informational
+        return None
+
+
+def has_rows(spark: SparkSession, path: str) -> bool:
+    return bool(spark.read.format("delta").load(path).limit(1).count())
+
+
+def ensure_delta_table(spark: SparkSession, path: str, schema: StructType, writer: str = "this job") -> None:
+    """Create an empty Delta table with ``schema`` at ``path`` unless one is there; an existing table
+    must have every column of ``schema`` with its type (else :class:`SinkError` before any write:
+    Delta would refuse the first append, and a restarted stream would fail on every batch)."""
     from delta.tables import DeltaTable
 
-    if DeltaTable.isDeltaTable(spark, path):
+    if not DeltaTable.isDeltaTable(spark, path):
+        spark.createDataFrame([], schema).write.format("delta").mode("append").save(path)
         return
-    spark.createDataFrame([], schema).write.format("delta").mode("append").save(path)
+    have = {f.name: f.dataType for f in spark.read.format("delta").load(path).schema.fields}
+    problems = [
+        f"column {f.name!r} is missing"
+        if f.name not in have
+        else f"column {f.name!r} is {have[f.name].simpleString()}, {writer} writes {f.dataType.simpleString()}"
+        for f in schema.fields
+        if have.get(f.name) != f.dataType
+    ]
+    if problems:
+        raise SinkError(
+            f"Delta table {path} does not fit {writer}: "
+            + "; ".join(problems)
+            + " (serve a version with the table's schema, or write to a new table)"
+        )
 
 
 class Sink(Protocol):
@@ -122,13 +154,22 @@ class Sink(Protocol):
 
 class IdempotentAppend:
     """Append once per (app id, batch id): Delta skips a write whose txnVersion it has already seen
-    for the app id. An empty batch writes nothing."""
+    for the app id. An empty batch writes nothing.
 
-    def __init__(self, path: str, app_id: str):
+    The app id must be unique per checkpoint *incarnation*: a new checkpoint restarts batch ids at
+    0, and with a reused app id Delta would skip every one of its writes as already done. The stream
+    binds it once its query has started (see :func:`streamscore.streaming.incarnation`)."""
+
+    def __init__(self, path: str, app_id: str | None = None):
         self.path = path
         self.app_id = app_id
 
+    def bind(self, app_id: str) -> None:
+        self.app_id = app_id
+
     def write(self, df: DataFrame, batch_id: int, rows: int) -> None:
+        if self.app_id is None:
+            raise RuntimeError(f"no Delta app id bound for {self.path}")
         if rows == 0:
             return
         (

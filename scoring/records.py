@@ -17,6 +17,7 @@ import pandas as pd
 from streamscore.scoring.spec import InputSpec
 
 _NUMPY = {"double": "float64", "float": "float32", "long": "int64", "integer": "int32", "boolean": "bool"}
+_MAX_EPOCH_MS = 9.2e12
 _INT_RANGE = {"long": (-(2**63), 2**63 - 1), "integer": (-(2**31), 2**31 - 1)}
 
 
@@ -61,9 +62,13 @@ def parse_chunk(
     id_f, time_f = spec.event_id_field, spec.event_time_field
     feats = spec.features
     loads = orjson.loads
+    max_bytes = spec.max_message_bytes
     for i, raw in enumerate(values):
         if raw is None:
             reasons[i] = "empty payload (null value)"
+            continue
+        if max_bytes is not None and len(raw) > max_bytes // 4 and _size(raw) > max_bytes:
+            reasons[i] = f"message of {_size(raw)} bytes is larger than source.max_message_bytes ({max_bytes})"
             continue
         try:
             obj = loads(raw)
@@ -113,6 +118,10 @@ def parse_chunk(
     return reasons, ids, times, cols
 
 
+def _size(raw: bytes | str) -> int:
+    return len(raw) if isinstance(raw, bytes | bytearray) else len(raw.encode("utf-8", errors="replace"))
+
+
 def _parse_times(times: list[Any], reasons: list[str | None], time_field: str) -> pd.Series:
     """Vectorised: ISO-8601 strings (any offset) and epoch milliseconds -> UTC timestamps."""
     n = len(times)
@@ -126,6 +135,8 @@ def _parse_times(times: list[Any], reasons: list[str | None], time_field: str) -
         out.iloc[str_idx] = parsed.to_numpy()
     if num_idx:
         nums = pd.Series([times[i] for i in num_idx], dtype="float64")
+        # beyond what a nanosecond timestamp holds (years 1677-2262) pandas raises instead of coercing
+        nums = nums.where(nums.abs() < _MAX_EPOCH_MS)
         with np.errstate(all="ignore"):
             parsed = pd.to_datetime(nums, unit="ms", utc=True, errors="coerce")
         out.iloc[num_idx] = parsed.to_numpy()
@@ -136,13 +147,13 @@ def _parse_times(times: list[Any], reasons: list[str | None], time_field: str) -
     return out
 
 
-def score_chunk(values: pd.Series, spec: InputSpec, model: Any) -> pd.DataFrame:
-    """Parse + validate + predict. ``model`` is anything with ``predict(pandas.DataFrame)``."""
+def score_chunk(values: pd.Series, spec: InputSpec, model: Any, label: str = "the model") -> pd.DataFrame:
+    """Parse + validate + predict. ``model`` is anything with ``predict(pandas.DataFrame)``;
+    ``label`` names it in the reasons of rows it could not score."""
     reasons, ids, times, cols = parse_chunk(values, spec)
     event_time = _parse_times(times, reasons, spec.event_time_field)
     ok = np.array([r is None for r in reasons], dtype=bool)
     n = len(values)
-    out = pd.DataFrame({"ok": ok, "reason": reasons, "event_id": ids, "event_time": event_time})
     valid_idx = np.flatnonzero(ok)
     features = {}
     for f in spec.features:
@@ -157,23 +168,154 @@ def score_chunk(values: pd.Series, spec: InputSpec, model: Any) -> pd.DataFrame:
     feat_df = pd.DataFrame(features, index=range(n))
     preds = None
     if len(valid_idx):
-        try:
-            preds = _first_column(model.predict(feat_df.iloc[valid_idx].reset_index(drop=True)))
-            if len(preds) != len(valid_idx):
-                raise ValueError(f"model returned {len(preds)} predictions for {len(valid_idx)} rows")
-        except Exception as e:  # noqa: BLE001 - every row must end up somewhere: dead-letter with the cause
-            msg = f"model error: {type(e).__name__}: {e}"[:1000]
-            for i in valid_idx:
-                reasons[i] = msg
-            ok[:] = False
-            valid_idx = valid_idx[:0]
-            preds = None
-            out["ok"] = ok
-            out["reason"] = reasons
+        preds, valid_idx = _predict(
+            model, feat_df.iloc[valid_idx].reset_index(drop=True), valid_idx, spec, label, reasons, ok
+        )
+    out = pd.DataFrame({"ok": ok, "reason": reasons, "event_id": ids, "event_time": event_time})
     for f in spec.features:
         out[f.name] = feat_df[f.name]
     out["prediction"] = _prediction_column(preds, valid_idx, n, spec.prediction_type)
     return out
+
+
+def _predict(
+    model: Any,
+    frame: pd.DataFrame,
+    valid_idx: np.ndarray,
+    spec: InputSpec,
+    label: str,
+    reasons: list[str | None],
+    ok: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predict the valid rows; rows the model fails on, or gives no usable value for, are marked not
+    ok with the reason. Returns the usable predictions and the rows they belong to."""
+    raw, problems = _Isolating(model, label).run(frame)
+    preds = _check_predictions(raw, spec.prediction_type, problems)
+    failed = np.array([p is not None for p in problems], dtype=bool)
+    if not failed.any():
+        return preds, valid_idx
+    for j in np.flatnonzero(failed):
+        problem = problems[j] or ""
+        reasons[valid_idx[j]] = problem if problem.startswith("model error") else f"model error: {problem} ({label})"
+        ok[valid_idx[j]] = False
+    return np.asarray(preds)[~failed], valid_idx[~failed]
+
+
+# Predicting a chunk, row-level: a model that fails or returns a bad value for some rows costs
+# only those rows (dead-lettered with the reason), never the chunk.
+MAX_PREDICT_CALLS = 256  # per chunk, spent isolating the rows a model fails on
+ROW_BY_ROW_BELOW = 8  # pieces this small are retried row by row
+_INT_BOUNDS = {
+    "long": (np.iinfo(np.int64).min, np.iinfo(np.int64).max),
+    "integer": (np.iinfo(np.int32).min, np.iinfo(np.int32).max),
+}
+
+
+class _Isolating:
+    """``predict`` on a frame; when it raises (or returns the wrong number of values), the frame is
+    split in halves, pieces below :data:`ROW_BY_ROW_BELOW` rows row by row, until the failing rows
+    are isolated or :data:`MAX_PREDICT_CALLS` calls are spent (the rest of the piece then shares
+    the error)."""
+
+    def __init__(self, model: Any, label: str):
+        self.model, self.label, self.calls = model, label, 0
+        self.last_error = f"model error ({label})"
+
+    def run(self, frame: pd.DataFrame) -> tuple[np.ndarray, list[str | None]]:
+        n = len(frame)
+        problems: list[str | None] = [None] * n
+        pieces: list[tuple[int, np.ndarray]] = []
+        self._solve(frame, 0, problems, pieces)
+        if len(pieces) == 1 and len(pieces[0][1]) == n:
+            return pieces[0][1], problems
+        out = np.full(n, None, dtype=object)
+        for start, preds in pieces:
+            out[start : start + len(preds)] = list(preds)
+        return out, problems
+
+    def _call(self, frame: pd.DataFrame) -> np.ndarray:
+        self.calls += 1
+        preds = _first_column(self.model.predict(frame))
+        if len(preds) != len(frame):
+            raise ValueError(f"returned {len(preds)} predictions for {len(frame)} rows")
+        return preds
+
+    def _solve(
+        self, frame: pd.DataFrame, start: int, problems: list[str | None], pieces: list[tuple[int, np.ndarray]]
+    ) -> None:
+        n = len(frame)
+        if self.calls >= MAX_PREDICT_CALLS:  # out of budget: the piece shares the last error
+            problems[start : start + n] = [self.last_error] * n
+            return
+        try:
+            pieces.append((start, self._call(frame.reset_index(drop=True))))
+            return
+        except Exception as e:  # noqa: BLE001 - every row must end up somewhere: dead-letter with the cause
+            self.last_error = f"model error: {type(e).__name__}: {str(e)[:900]} ({self.label})"
+        if n == 1:
+            problems[start] = self.last_error
+            return
+        bounds = [(i, i + 1) for i in range(n)] if n <= ROW_BY_ROW_BELOW else [(0, n // 2), (n // 2, n)]
+        for a, b in bounds:
+            self._solve(frame.iloc[a:b], start + a, problems, pieces)
+
+
+def _check_predictions(preds: np.ndarray, kind: str, problems: list[str | None]) -> np.ndarray:
+    """Predictions as ``kind`` (object array; None where not usable); a row whose value is missing
+    or of the wrong type gets a problem."""
+    arr = np.asarray(preds)
+    n = len(arr)
+    if kind in ("long", "integer") and arr.dtype.kind in "iub":
+        lo, hi = _INT_BOUNDS[kind]
+        bad = (arr < lo) | (arr > hi) if arr.dtype.kind != "b" else np.zeros(n, dtype=bool)
+    elif kind in ("long", "integer") and arr.dtype.kind == "f":
+        lo, hi = _INT_BOUNDS[kind]
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(arr) | (arr != np.floor(arr)) | (arr < lo) | (arr > hi)
+    elif kind in ("double", "float") and arr.dtype.kind in "iufb":
+        bad = np.zeros(n, dtype=bool)
+    elif kind == "boolean" and arr.dtype.kind in "biu":
+        bad = ~np.isin(arr, [0, 1]) if arr.dtype.kind != "b" else np.zeros(n, dtype=bool)
+    elif kind == "string" and arr.dtype.kind in "USiufb":
+        bad = np.zeros(n, dtype=bool)
+    else:  # object arrays (and anything unusual): value by value
+        out = np.full(n, None, dtype=object)
+        for i, v in enumerate(arr):
+            if problems[i] is None:
+                out[i], problems[i] = _one_prediction(v, kind)
+        return out
+    if not bad.any():
+        return arr
+    out = arr.astype(object)
+    for j in np.flatnonzero(bad):
+        if problems[j] is None:
+            problems[j] = f"prediction {arr[j].item()!r} is not a valid {kind}"
+    return out
+
+
+def _one_prediction(v: Any, kind: str) -> tuple[Any, str | None]:
+    if v is None or (isinstance(v, float) and math.isnan(v) and kind not in ("double", "float")):
+        return None, f"no prediction ({v!r}) for this row"
+    if hasattr(v, "item"):  # numpy scalars
+        v = v.item()
+    if kind in ("long", "integer"):
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            v = int(v)
+        lo, hi = _INT_BOUNDS[kind]
+        if isinstance(v, int) and lo <= v <= hi:
+            return int(v), None
+        return None, f"prediction {v!r} is not a valid {kind}"
+    if kind in ("double", "float"):
+        if isinstance(v, (int, float)):
+            return float(v), None
+        return None, f"prediction {v!r} is not a number"
+    if kind == "boolean":
+        if isinstance(v, bool) or v in (0, 1):
+            return bool(v), None
+        return None, f"prediction {v!r} is not a boolean"
+    if isinstance(v, (str, int, float, bool)):
+        return str(v), None
+    return None, f"prediction of type {type(v).__name__} is not a string"
 
 
 def _first_column(preds: Any) -> np.ndarray:

@@ -40,6 +40,7 @@ class InputSpec:
     event_time_field: str
     features: tuple[Field, ...]
     prediction_type: str
+    max_message_bytes: int | None = None  # larger payloads are dead-lettered before parsing
 
     @property
     def feature_names(self) -> list[str]:
@@ -51,7 +52,9 @@ def _type_name(t: Any) -> str:
     return str(name).lower()
 
 
-def spec_from_signature(signature: Any, event_id_field: str, event_time_field: str, model_label: str) -> InputSpec:
+def spec_from_signature(
+    signature: Any, event_id_field: str, event_time_field: str, model_label: str, max_message_bytes: int | None = None
+) -> InputSpec:
     """Build the spec from an ``mlflow.models.ModelSignature``; ``model_label`` names the model in errors."""
     if signature is None or signature.inputs is None:
         raise SignatureError(f"{model_label} has no input signature; log it with a signature to stream-score it")
@@ -74,7 +77,7 @@ def spec_from_signature(signature: Any, event_id_field: str, event_time_field: s
     elif outputs is not None and outputs.is_tensor_spec() and len(outputs.inputs) >= 1:
         kind = outputs.inputs[0].type.kind
         pred = "long" if kind in "iu" else "boolean" if kind == "b" else "string" if kind in "OUS" else "double"
-    return InputSpec(event_id_field, event_time_field, tuple(features), pred)
+    return InputSpec(event_id_field, event_time_field, tuple(features), pred, max_message_bytes)
 
 
 def compatible(stream: InputSpec, candidate: InputSpec, model_label: str) -> None:

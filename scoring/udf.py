@@ -100,6 +100,6 @@ def make_score_udf(handle: ModelHandle, spec: InputSpec) -> Any:
     def score(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         model = load_model(handle)
         for values in batches:
-            yield score_chunk(values, spec, model)
+            yield score_chunk(values, spec, model, handle.label)
 
     return score

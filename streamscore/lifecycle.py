@@ -6,6 +6,8 @@ ask the job to stop after its current batch (a second signal interrupts at once)
 calls :meth:`JobContext.start_run`, registers what must be closed (:meth:`JobContext.on_close`) and
 what its summary says (:meth:`JobContext.describe`).
 
+A ``preflight`` check (the stream's: broker, topic, tracking server) runs before Spark starts.
+
 On the way out, whatever the exit path: resources are closed (last registered first), the status
 is decided (FINISHED, KILLED when a stop was requested or the job was interrupted, FAILED on an
 exception), the summary is completed and stored with the run (``summary.json``), and the run is
@@ -45,8 +47,16 @@ class JobContext:
     tracking_uri: str
     registry_uri: str
 
-    def __init__(self, job: str, settings: Settings, *, handle_signals: bool = True):
+    def __init__(
+        self,
+        job: str,
+        settings: Settings,
+        *,
+        handle_signals: bool = True,
+        preflight: Callable[[Settings], None] | None = None,
+    ):
         self.job = job
+        self.preflight = preflight
         self.settings = settings
         self.handle_signals = handle_signals
         self.stop_requested = threading.Event()
@@ -74,6 +84,8 @@ class JobContext:
 
         self.tracking_uri, self.registry_uri = configure_mlflow(self.settings)
         self.summary.update(tracking_uri=self.tracking_uri, experiment=self.settings.tracking.experiment)
+        if self.preflight is not None:
+            self.preflight(self.settings)
         self.spark = build_spark(self.settings)
         self.client = MlflowClient(self.tracking_uri, self.registry_uri)
         self.tracker = make_tracker(self.settings, self.tracking_uri)

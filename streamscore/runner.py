@@ -55,25 +55,38 @@ class BatchProcessor:
         tracker: Tracker,
         sinks: Sinks,
         recent: RecentSample,
+        poll_registry: bool = True,
     ):
         self.spark = spark
         self.watcher = watcher
         self.tracker = tracker
         self.sinks = sinks
         self.recent = recent
+        self.poll_registry = poll_registry  # watch.enabled: false means no swaps at all
         self.totals: Counter[str] = Counter()
         self.rows_by_version: Counter[str] = Counter()
         self.batches = 0
         self.last_input_at = time.time()
         self.batch_log: list[dict[str, Any]] = []
+        self._bound = threading.Event()
+
+    def bind(self, scored_app_id: str, dead_letter_app_id: str) -> None:
+        """Set the sinks' Delta app ids, known once the query has started; batches wait for it."""
+        for sink, app_id in ((self.sinks.scored, scored_app_id), (self.sinks.dead_letter, dead_letter_app_id)):
+            if isinstance(sink, sio.IdempotentAppend):
+                sink.bind(app_id)
+        self._bound.set()
 
     def ensure_tables(self) -> None:
         spec = self.watcher.spec
         assert spec is not None, "the watcher must be started first"
-        sio.ensure_delta_table(self.spark, self.sinks.scored.path, schema.output_schema(spec))
-        sio.ensure_delta_table(self.spark, self.sinks.dead_letter.path, schema.DEAD_LETTER)
+        serving = self.watcher.serving.label
+        sio.ensure_delta_table(self.spark, self.sinks.scored.path, schema.output_schema(spec), serving)
+        sio.ensure_delta_table(self.spark, self.sinks.dead_letter.path, schema.DEAD_LETTER, serving)
 
     def __call__(self, batch_df: DataFrame, batch_id: int) -> None:
+        if not self._bound.wait(timeout=120):
+            raise RuntimeError("the stream's sinks were never bound to the query")
         t0 = time.time()
         handle = self.watcher.model_for_batch(batch_id)
         t_picked = time.time()
@@ -81,7 +94,8 @@ class BatchProcessor:
         outcome = score_and_write(batch_df, handle, self.watcher.spec, batch_id, self.sinks, self.recent.take_from)
         self._account(batch_id, handle.version, outcome, t_picked - t0, time.time() - t0)
         self.watcher.batch_scored(batch_id, outcome.rows_scored)
-        self.watcher.poll()
+        if self.poll_registry:
+            self.watcher.poll()
 
     def _account(self, batch_id: int, version: str, o: Outcome, pick_s: float, seconds: float) -> None:
         phases = {"pick_model_s": pick_s, "score_s": o.score_s, "write_s": o.write_s}

@@ -46,11 +46,20 @@ class StreamHandle:
     watcher: RegistryWatcher
 
 
-def ledger_path(settings: Settings) -> Path:
+def ledger_path(settings: Settings, incarnation: str) -> Path:
+    """Beside a local checkpoint; for a checkpoint on a URI, under the state folder, per incarnation."""
     cp = settings.checkpoint_path
     if "://" in cp or cp.startswith("dbfs:"):
-        return settings.home / "ledgers" / f"{settings.app_id}.jsonl"
+        return settings.home / "ledgers" / f"{settings.app_id}-{incarnation}.jsonl"
     return Path(cp) / "streamscore" / "batch_versions.jsonl"
+
+
+def delta_app_id(settings: Settings, incarnation: str) -> str:
+    """The Delta ``txnAppId`` of the stream's writes: unique per checkpoint incarnation. The query
+    id is kept in the checkpoint (the same across restarts on it, new for a new checkpoint), so a
+    deleted and recreated checkpoint, whose batch ids start at 0 again, never has its writes
+    skipped as already done."""
+    return f"{settings.app_id}-{incarnation}"
 
 
 def build_gate(
@@ -69,6 +78,7 @@ def build_gate(
         required_tag=settings.watch.required_tag,
         sample_rows=settings.watch.sample_rows,
         recent_sample=recent_sample,
+        max_message_bytes=settings.source.max_message_bytes,
     )
 
 
@@ -108,7 +118,6 @@ def build_watcher(
         settings.model.name,
         ModelRef.parse(settings.model.ref),
         build_gate(settings, spark, client, recent_sample),
-        BatchLedger(ledger_path(settings)),
         poll_interval_s=settings.watch.poll_interval_s,
         retry_refused_after_s=settings.watch.retry_refused_after_s,
         on_swap=on_swap,
@@ -193,7 +202,9 @@ def run_stream(
 ) -> dict[str, Any]:
     """Run the continuous scoring job until it is stopped; returns the JSON summary (raises
     :class:`~streamscore.errors.JobFailed`, which carries it, when the job fails)."""
-    with JobContext(job, settings) as ctx:
+    from streamscore.preflight import check_stream_services
+
+    with JobContext(job, settings, preflight=check_stream_services) as ctx:
         _stream(ctx, should_stop, on_ready)
     return ctx.summary
 
@@ -210,17 +221,18 @@ def _stream(
         run_params(settings),
         {"streamscore.model_name": handle.name, "streamscore.initial_model_version": handle.version},
     )
-    sinks = Sinks(
-        sio.IdempotentAppend(settings.output_path, settings.app_id),
-        sio.IdempotentAppend(settings.dead_letter_path, settings.app_id + "-dead-letter"),
-    )
-    processor = BatchProcessor(spark, watcher, ctx.tracker, sinks, recent)
+    sinks = Sinks(sio.IdempotentAppend(settings.output_path), sio.IdempotentAppend(settings.dead_letter_path))
+    processor = BatchProcessor(spark, watcher, ctx.tracker, sinks, recent, poll_registry=settings.watch.enabled)
     processor.ensure_tables()
     trig = settings.trigger
     stopper = StopController(processor, ctx.stop_requested, trig.max_batches, trig.idle_timeout_s, should_stop)
     ctx.describe(lambda: _summary(settings, ctx, processor, watcher, stopper))
+    _warn_if_new_checkpoint_on_old_tables(spark, settings)
     query = start_query(read_events(spark, settings), processor, settings)
     ctx.summary["query_id"] = query.id
+    watcher.ledger = BatchLedger(ledger_path(settings, query.id))
+    app_id = delta_app_id(settings, query.id)
+    processor.bind(app_id, app_id + "-dead-letter")  # batches wait for this
     ctx.on_close(lambda: query.stop() if query.isActive else None)
     if settings.watch.enabled and settings.watch.background_thread:
         watcher.start_background()
@@ -229,6 +241,16 @@ def _stream(
     if on_ready:
         on_ready(StreamHandle(query.id, run_id, handle.version, processor, watcher))
     stopper.run(query)
+
+
+def _warn_if_new_checkpoint_on_old_tables(spark: SparkSession, settings: Settings) -> None:
+    if sio.checkpoint_exists(spark, settings.checkpoint_path) is False and sio.has_rows(spark, settings.output_path):
+        log.warning(
+            "starting a new checkpoint at %s on an output table that already holds rows (%s): events the "
+            "source delivers again are scored again",
+            settings.checkpoint_path,
+            settings.output_path,
+        )
 
 
 def _summary(

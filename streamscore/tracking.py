@@ -7,9 +7,11 @@ buffer is flushed when the server answers again.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -115,10 +117,16 @@ class RunTracker:
         self.client = MlflowClient(tracking_uri)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
-        self._buffer: deque[Metric] = deque()
+        self._buffer: deque[tuple[int, Metric]] = deque()  # (sequence number, metric)
+        self._seq = 0
         self._max = buffer_max_entries
         self.dropped = 0
         self._outage_since: float | None = None
+        self._lock = threading.Lock()  # the buffer
+        self._flush_lock = threading.Lock()  # one sender at a time
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._sender: threading.Thread | None = None
 
     # -- run lifecycle ---------------------------------------------------------------------------
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
@@ -145,6 +153,10 @@ class RunTracker:
     def finish(self, status: str, summary: dict[str, Any] | None = None) -> None:
         if self.run_id is None:
             return
+        self._stopping.set()
+        self._wake.set()
+        if self._sender is not None:
+            self._sender.join(timeout=60)
         self.flush()
         if summary is not None:
             try:
@@ -161,14 +173,32 @@ class RunTracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        for k, v in metrics.items():
-            if v is None:
-                continue
-            if len(self._buffer) >= self._max:
-                self._buffer.popleft()
-                self.dropped += 1
-            self._buffer.append(Metric(k, float(v), ts, step))
-        self.flush()
+        with self._lock:
+            for k, v in metrics.items():
+                if v is None:
+                    continue
+                if len(self._buffer) >= self._max:
+                    self._buffer.popleft()
+                    self.dropped += 1
+                self._seq += 1
+                self._buffer.append((self._seq, Metric(k, float(v), ts, step)))
+        self._start_sender()
+        self._wake.set()
+
+    def _start_sender(self) -> None:
+        """Metrics are sent by a thread of their own: a slow or hanging tracking server never holds
+        up a batch (the buffer bounds what waits)."""
+        if self._sender is not None or self.run_id is None:
+            return
+
+        def loop() -> None:
+            while not self._stopping.is_set():
+                self._wake.wait(timeout=2.0)
+                self._wake.clear()
+                self.flush()
+
+        self._sender = threading.Thread(target=loop, name="streamscore-metrics", daemon=True)
+        self._sender.start()
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.run_id is None:
@@ -180,17 +210,23 @@ class RunTracker:
             self._outage(e)
 
     def flush(self) -> bool:
-        if self.run_id is None or not self._buffer:
+        """Send what is buffered; False (and the metrics kept) when the server does not take them."""
+        if self.run_id is None:
             return True
-        try:
-            while self._buffer:
-                chunk = [self._buffer[i] for i in range(min(len(self._buffer), 1000))]
-                self.client.log_batch(self.run_id, metrics=chunk)
-                for _ in chunk:
-                    self._buffer.popleft()
-        except Exception as e:  # noqa: BLE001 - tracking must never stop scoring
-            self._outage(e)
-            return False
+        with self._flush_lock:
+            while True:
+                with self._lock:
+                    chunk = list(itertools.islice(self._buffer, 1000))
+                if not chunk:
+                    break
+                try:
+                    self.client.log_batch(self.run_id, metrics=[m for _, m in chunk])
+                except Exception as e:  # noqa: BLE001 - tracking must never stop scoring
+                    self._outage(e)
+                    return False
+                with self._lock:  # entries dropped meanwhile were the oldest: pop up to the last sent
+                    while self._buffer and self._buffer[0][0] <= chunk[-1][0]:
+                        self._buffer.popleft()
         if self._outage_since is not None:
             log.warning(
                 "tracking server back after %.0fs; buffered metrics flushed (%d dropped)",

@@ -115,3 +115,17 @@ class StreamThread:
 def expected_predictions(model_version_uri: str, rows: pd.DataFrame):
     model = mlflow.pyfunc.load_model(model_version_uri)
     return model.predict(rows[FEATURES])
+
+
+class KillsItsWorker(mlflow.pyfunc.PythonModel):
+    """Compatible signature, but predicting ends the Python process it runs in."""
+
+    def predict(self, context, model_input, params=None):
+        import os
+
+        os._exit(3)
+
+
+def register_worker_killer(name: str) -> str:
+    X, y = iris_frame()
+    return register_pyfunc(name, KillsItsWorker(), X, y.to_numpy())

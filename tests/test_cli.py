@@ -43,3 +43,47 @@ def test_help_lists_every_command():
     assert proc.returncode == 0
     for command in ("stream", "backfill", "demo", "services", "produce", "model", "bench"):
         assert command in proc.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_broker_stops_the_stream_at_start_naming_the_setting(tmp_path):
+    import time
+
+    t0 = time.time()
+    code, stderr, last = _cli(
+        "stream",
+        "--set",
+        f"app.home={tmp_path}",
+        "--set",
+        "app.preflight_timeout_s=3",
+        "--set",
+        f"source.kafka.bootstrap_servers=127.0.0.1:{_free_port()}",
+    )
+    assert code == 1 and last["status"] == "FAILED"
+    assert "did not answer within 3s" in last["error"] and "source.kafka.bootstrap_servers" in last["error"]
+    assert "source.kafka.bootstrap_servers" in stderr
+    assert time.time() - t0 < 60
+
+
+def test_an_unreachable_tracking_server_stops_the_stream_at_start_naming_the_setting(tmp_path):
+    code, _, last = _cli(
+        "stream",
+        "--set",
+        f"app.home={tmp_path}",
+        "--set",
+        "app.preflight_timeout_s=3",
+        "--set",
+        "source.kind=delta",
+        "--set",
+        f"source.delta.path={tmp_path / 'events'}",
+        "--set",
+        f"tracking.uri=http://127.0.0.1:{_free_port()}",
+    )
+    assert code == 1 and "MLflow tracking server" in last["error"] and "tracking.uri" in last["error"]

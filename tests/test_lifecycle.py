@@ -52,6 +52,7 @@ def test_a_failing_batch_closes_the_run_failed_with_its_summary(spark, make_sett
 
 def test_a_refused_initial_version_fails_naming_model_and_version(spark, make_settings):
     s = make_settings(trigger={"available_now": True})
+    ensure_topic(s.source.kafka.bootstrap_servers, s.source.kafka.topic)
     version = register_raising(s.model.name)
     MlflowClient(s.tracking.uri).set_registered_model_alias(s.model.name, "champion", version)
     with pytest.raises(JobFailed) as info:

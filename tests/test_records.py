@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import orjson
 import pandas as pd
 import pytest
@@ -116,3 +117,148 @@ def test_worker_model_cache_is_bounded(tmp_path, model):
         udf.load_model(udf.ModelHandle("cache-test", str(v), "run", str(path), "ship"))
     mine = [k for k in udf.cached_versions() if k[0] == "cache-test"]
     assert mine == [("cache-test", "48"), ("cache-test", "49")]
+
+
+class Picky:
+    """Scores like ``model`` except on rows whose sepal_length is in ``bad``, where it misbehaves."""
+
+    def __init__(self, model, bad: set, how: str):
+        self.model, self.bad, self.how, self.calls = model, bad, how, 0
+
+    def predict(self, df):
+        self.calls += 1
+        bad = df["sepal_length"].isin(self.bad).to_numpy()
+        if self.how == "raise" and bad.any():
+            raise ValueError("cannot score these rows")
+        out = self.model.predict(df).astype(object)
+        if self.how == "none":
+            out[bad] = None
+        elif self.how == "nan":
+            out = out.astype(float)
+            out[bad] = np.nan
+        elif self.how == "string":
+            out[bad] = "setosa"
+        elif self.how == "short":
+            return out[~bad]
+        return out
+
+
+@pytest.mark.parametrize(
+    "how, reason",
+    [
+        ("raise", "model error: ValueError: cannot score these rows"),
+        ("none", "no prediction (None) for this row"),
+        ("nan", "prediction nan is not a valid long"),
+        ("string", "prediction 'setosa' is not a valid long"),
+        ("short", "returned 0 predictions for 1 rows"),
+    ],
+)
+def test_a_model_that_fails_on_some_rows_costs_only_those_rows(model, how, reason):
+    X, _ = iris_frame()
+    values = pd.Series([_event(i) for i in range(150)] + [b"{broken"])
+    out = score_chunk(values, SPEC, Picky(model, {5.0, 6.3}, how), "model 'm' version 7")
+    bad = np.append(X["sepal_length"].isin({5.0, 6.3}).to_numpy(), True)
+    assert 10 < bad.sum() < 40
+    assert (out["ok"].to_numpy() == ~bad).all()  # exactly the bad rows, and the broken payload
+    assert all(reason in r and r.endswith("(model 'm' version 7)") for r in out["reason"][bad][:-1])
+    assert "invalid JSON" in out["reason"].iloc[-1]
+    assert (out["prediction"][~bad].to_numpy() == model.predict(X)[~bad[:-1]]).all()
+    assert out["prediction"][bad].isna().all()
+
+
+def test_isolating_failing_rows_is_bounded(model):
+    from streamscore.scoring.records import MAX_PREDICT_CALLS
+
+    class AlwaysFails:
+        calls = 0
+
+        def predict(self, df):
+            AlwaysFails.calls += 1
+            raise RuntimeError("always")
+
+    values = pd.Series([_event(i) for i in range(3000)])
+    out = score_chunk(values, SPEC, AlwaysFails(), "m")
+    assert not out["ok"].any() and out["reason"].str.contains("RuntimeError: always").all()
+    assert AlwaysFails.calls <= MAX_PREDICT_CALLS
+
+
+@pytest.mark.parametrize(
+    "kind, raw, expected, problems",
+    [
+        ("long", np.array([1.0, 2.5, np.inf]), [1, None, None], [False, True, True]),
+        ("integer", np.array([1, 2**40]), [1, None], [False, True]),
+        ("double", np.array([1, None, "x"], dtype=object), [1.0, None, None], [False, True, True]),
+        ("boolean", np.array([0, 1, 2]), [False, True, None], [False, False, True]),
+        ("string", np.array(["a", None, 3], dtype=object), ["a", None, "3"], [False, True, False]),
+    ],
+)
+def test_predictions_of_the_wrong_type_are_problems_of_their_rows(kind, raw, expected, problems):
+    from streamscore.scoring.records import _check_predictions, _prediction_column
+
+    found: list = [None] * len(raw)
+    checked = _check_predictions(raw, kind, found)
+    assert [p is not None for p in found] == problems
+    keep = np.array([not p for p in problems])
+    column = _prediction_column(np.asarray(checked)[keep], np.flatnonzero(keep), len(raw), kind)
+    assert [None if pd.isna(v) else v for v in column] == [
+        v if k else None for v, k in zip(expected, keep, strict=True)
+    ]
+
+
+def _fuzz_corpus(n: int, seed: int = 7) -> list:
+    """Generated bad messages of every kind a producer can send, and a few good ones."""
+    import random
+
+    rnd = random.Random(seed)
+    X, _ = iris_frame()
+    rows = X.to_dict(orient="records")
+
+    def good(i):
+        return {"event_id": f"f{i}", "event_time": "2026-01-02T03:04:05Z", **rows[i % 150]}
+
+    def deep(depth):
+        return "[" * depth + "]" * depth
+
+    makers = [
+        lambda i: orjson.dumps(good(i))[: rnd.randrange(1, 40)],  # truncated JSON
+        lambda i: orjson.dumps({**good(i), rnd.choice(FEATURES): rnd.choice(["x", [], {}, True, None])}),
+        lambda i: orjson.dumps(good(i)).replace(b"5", b"NaN", 1),  # NaN / Infinity literals
+        lambda i: orjson.dumps(good(i)).replace(b"4", b"Infinity", 1),
+        lambda i: orjson.dumps({**good(i), "sepal_length": float("inf")}),
+        lambda i: orjson.dumps({**good(i), "event_id": "x" * rnd.randrange(10, 5000)} | {"petal_width": "w" * 10_000}),
+        lambda i: deep(rnd.randrange(100, 3000)).encode(),  # deep nesting
+        lambda i: b'{"event_id": "a", "event_id": {"b": 1}, "event_time": 1}',  # duplicate keys
+        lambda i: orjson.dumps({**good(i), rnd.choice(["event_id", "event_time", *FEATURES]): None}),
+        lambda i: b'{"event_id": "\xff\xfe", "event_time": 1}',  # invalid UTF-8
+        lambda i: rnd.choice([b"", None, b"null", b"0", b'""', b"[]"]),
+        lambda i: orjson.dumps({**good(i), "event_time": rnd.choice([-1e30, "2026-13-45", "", 1e30])}),
+        lambda i: b"x" * 3000,  # oversized (the spec below allows 2048 bytes)
+        lambda i: orjson.dumps(good(i)),  # valid
+    ]
+    return [makers[rnd.randrange(len(makers))](i) for i in range(n)]
+
+
+def test_fuzzed_messages_are_all_accounted_for_with_reasons(model):
+    from dataclasses import replace
+
+    spec = replace(SPEC, max_message_bytes=2048)
+    corpus = _fuzz_corpus(12_000)
+    out = pd.concat(
+        [score_chunk(pd.Series(corpus[i : i + 1000]), spec, model) for i in range(0, len(corpus), 1000)],
+        ignore_index=True,
+    )
+    assert len(out) == len(corpus)
+    bad = out[~out["ok"]]
+    assert len(bad) > 10_000 and bad["reason"].notna().all() and (bad["reason"].str.len() > 0).all()
+    good = out[out["ok"]]
+    assert good["prediction"].notna().all() and good["event_id"].notna().all() and good["event_time"].notna().all()
+    for kind in (
+        "invalid JSON",
+        "larger than source.max_message_bytes",
+        "empty payload",
+        "missing required field",
+        "expected a number",
+        "not a valid timestamp",
+        "expected a JSON object",
+    ):
+        assert bad["reason"].str.contains(kind, regex=False).any(), kind

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
@@ -139,3 +141,39 @@ def test_delta_table_source(spark, make_settings, tmp_path):
     assert out["source"].eq(path).all() and set(out["model_version"]) == {v}
     dead = _read(spark, s.dead_letter_path)
     assert "missing required field 'petal_width'" in dead["reason"][0] and '"d-5"' in dead["raw_value"][0]
+
+
+def test_a_reset_checkpoint_on_existing_tables_loses_nothing(spark, make_settings):
+    """A deleted checkpoint restarts batch ids at 0; the second incarnation's writes must not be
+    skipped as replays of the first's (Delta txnAppId is per checkpoint incarnation)."""
+    s = make_settings(trigger={"available_now": True})
+    train_and_register(s.model.name, "v1", alias="champion")
+    k = s.source.kafka
+    ensure_topic(k.bootstrap_servers, k.topic)
+    first = produce_events(k.bootstrap_servers, k.topic, 120, malformed_every=30, prefix="inc1")
+    assert run_stream(s)["rows_scored"] == 116
+
+    shutil.rmtree(s.checkpoint_path)
+    sink = {"output_path": s.output_path, "dead_letter_path": s.dead_letter_path, "checkpoint_path": s.checkpoint_path}
+    s2 = make_settings(
+        s.model.name, trigger={"available_now": True}, sink=sink, source={"kafka": {"topic": k.topic + "-b"}}
+    )
+    ensure_topic(k.bootstrap_servers, s2.source.kafka.topic)
+    second = produce_events(k.bootstrap_servers, s2.source.kafka.topic, 150, malformed_every=30, prefix="inc2")
+    summary = run_stream(s2)
+
+    assert summary["status"] == "FINISHED" and summary["rows_scored"] == 145
+    out = _read(spark, s.output_path)
+    assert sorted(out["event_id"]) == sorted(first.valid_ids + second.valid_ids)
+    assert len(_read(spark, s.dead_letter_path)) == 4 + 5
+
+
+def test_a_missing_topic_stops_the_stream_at_start_naming_the_setting(make_settings):
+    from streamscore.errors import JobFailed, SourceError
+
+    s = make_settings(trigger={"available_now": True})
+    with pytest.raises(JobFailed) as info:
+        run_stream(s)
+    assert isinstance(info.value.__cause__, SourceError)
+    assert f"Kafka topic {s.source.kafka.topic!r} does not exist" in info.value.summary["error"]
+    assert "source.kafka.topic" in info.value.summary["error"]

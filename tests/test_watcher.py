@@ -1,0 +1,75 @@
+"""The registry watcher's gate on the real registry and Spark, driven poll by poll (no stream):
+refusals are the candidate's fault, registry trouble is not; and the batch ledger survives a crash."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from streamscore.demo import train_and_register
+from streamscore.registry_watch import gate as gate_module
+from streamscore.registry_watch.watcher import BatchLedger
+from streamscore.streaming import build_watcher
+from tests.helpers import register_worker_killer
+
+
+@pytest.fixture
+def watcher(spark, make_settings, tmp_path):
+    def make(settings):
+        w = build_watcher(settings, spark, MlflowClient(settings.tracking.uri))
+        w.ledger = BatchLedger(tmp_path / "ledger.jsonl")
+        w.start()
+        return w
+
+    return make
+
+
+@pytest.mark.integration
+def test_a_download_error_is_retried_with_backoff_not_refused(make_settings, watcher, monkeypatch):
+    s = make_settings()
+    train_and_register(s.model.name, "v1", alias="champion")
+    w = watcher(s)
+    v2 = train_and_register(s.model.name, "v2", alias="champion")
+    real, calls = gate_module.materialize, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("connection reset by peer")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gate_module, "materialize", flaky)
+    assert w.poll(force=True) == "validation-error"
+    assert w.refusals == [] and w.serving.version != v2
+    assert w.poll(force=True) == "retry-later"  # backoff: poll interval 0.5 s x 2
+    time.sleep(1.1)
+    assert w.poll(force=True) == "prepared"
+    assert w.model_for_batch(0).version == v2 and len(calls) == 2
+
+
+@pytest.mark.integration
+def test_a_candidate_that_kills_its_worker_is_refused_and_the_old_version_serves(make_settings, watcher):
+    s = make_settings()
+    v1 = train_and_register(s.model.name, "v1", alias="champion")
+    w = watcher(s)
+    bad = register_worker_killer(s.model.name)
+    MlflowClient(s.tracking.uri).set_registered_model_alias(s.model.name, "champion", bad)
+    assert w.poll(force=True) == "refused"
+    (refusal,) = w.refusals
+    assert refusal.version == bad and "scoring the sample failed" in refusal.reason
+    assert w.model_for_batch(0).version == v1
+    assert w.poll(force=True) == "refused-recently"
+
+
+def test_a_torn_ledger_line_is_cut_and_the_ledger_goes_on(tmp_path):
+    path = tmp_path / "batch_versions.jsonl"
+    good = [{"batch_id": i, "name": "m", "version": "1", "run_id": "r", "at": 0} for i in range(2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"batch_id": 2, "na')
+    ledger = BatchLedger(path)
+    assert ledger.get(1)["version"] == "1" and ledger.get(2) is None
+    ledger.record(2, "m", "2", "r2")
+    again = BatchLedger(path)
+    assert [again.get(i)["version"] for i in range(3)] == ["1", "1", "2"]

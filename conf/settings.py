@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,6 +33,9 @@ __all__ = ["ConfigError", "Settings", "load_settings", "parse_overrides"]
 
 CONF_DIR = Path(__file__).resolve().parent
 ENV_PREFIX = "STREAMSCORE_"
+MASK = "**********"
+# option keys whose values are (or may hold) credentials
+_CREDENTIAL_KEY = re.compile(r"pass|secret|token|jaas|sasl|credential|key|auth", re.IGNORECASE)
 
 
 class _Section(BaseModel):
@@ -193,6 +197,7 @@ class WatchSettings(_Section):
     required_tag: str | None = None
     retry_refused_after_s: float = Field(600, ge=0)
     sample_rows: int = Field(20, ge=1)
+    gate_timeout_s: float = Field(120, gt=0)  # scoring the gate's sample must finish within this
     webhook: WebhookSettings = WebhookSettings()
 
     @field_validator("required_tag")
@@ -263,8 +268,15 @@ class Settings(BaseSettings):
         return f"streamscore-{digest}"
 
     def masked(self) -> dict[str, Any]:
-        """JSON-able dump with secrets masked (safe to print and to log as MLflow params)."""
-        return self.model_dump(mode="json")
+        """JSON-able dump with secrets masked (safe to print and to log as MLflow params): the
+        ``SecretStr`` fields, and every free-form option whose key looks like a credential
+        (``source.kafka.options``, ``spark.conf``: JAAS configs, passwords, tokens, keys)."""
+        out = self.model_dump(mode="json")
+        for options in (out["source"]["kafka"]["options"], out["spark"]["conf"]):
+            for key in options:
+                if _CREDENTIAL_KEY.search(key):
+                    options[key] = MASK
+        return out
 
 
 _CLI_OVERRIDES: dict[str, Any] = {}

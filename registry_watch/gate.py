@@ -13,7 +13,9 @@ a backfill (one entry point, :meth:`ValidationGate.admit`).
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,7 @@ class ValidationGate:
         sample_rows: int = 20,
         recent_sample: Callable[[], list[str]] | None = None,
         max_message_bytes: int | None = None,
+        timeout_s: float = 120.0,
     ):
         self.client = client
         self.model_name = model_name
@@ -68,6 +71,7 @@ class ValidationGate:
         self.sample_rows = sample_rows
         self.recent_sample = recent_sample
         self.max_message_bytes = max_message_bytes
+        self.timeout_s = timeout_s
 
     def admit(self, ref: ModelRef, stream_spec: InputSpec | None, resolved: ModelVersion | None = None) -> GateResult:
         """Resolve ``ref`` (unless the caller already did: ``resolved``) and validate the version.
@@ -138,6 +142,34 @@ class ValidationGate:
             rows.append(orjson.dumps(rec).decode())
         return rows
 
+    def _collect_within_limit(self, df: Any, version: str) -> list[Any]:
+        """``df.collect()`` in a Spark job group that is cancelled (tasks interrupted, a hanging
+        Python worker killed) when it takes longer than ``timeout_s``."""
+        assert self.spark is not None
+        sc = self.spark.sparkContext
+        group = f"streamscore-gate-{self.model_name}-v{version}-{uuid.uuid4().hex[:8]}"
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            sc.setJobGroup(group, f"streamscore validation gate: version {version}", interruptOnCancel=True)
+            try:
+                outcome["rows"] = df.collect()
+            except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+                outcome["error"] = e
+
+        worker = threading.Thread(target=run, name="streamscore-gate", daemon=True)
+        worker.start()
+        worker.join(self.timeout_s)
+        if worker.is_alive():
+            sc.cancelJobGroup(group)
+            worker.join(60)
+            raise GateRefused(
+                version, f"scoring the sample took longer than watch.gate_timeout_s ({self.timeout_s:g}s)"
+            )
+        if "error" in outcome:
+            raise outcome["error"]
+        return list(outcome["rows"])
+
     def _score_sample(self, handle: ModelHandle, spec: InputSpec, sample: list[str], version: str) -> None:
         if self.spark is None:
             import pandas as pd
@@ -152,7 +184,11 @@ class ValidationGate:
             df = as_events(self.spark.createDataFrame([(s,) for s in sample], "value string"), "validation-gate")
             parts = max(1, self.spark.sparkContext.defaultParallelism)
             try:
-                rows = score(df.repartition(parts), handle, spec, -1).select("ok", "reason").collect()
+                rows = self._collect_within_limit(
+                    score(df.repartition(parts), handle, spec, -1).select("ok", "reason"), version
+                )
+            except GateRefused:
+                raise
             except Exception as e:  # e.g. the model kills its Python worker
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise GateRefused(version, f"scoring the sample failed: {type(e).__name__}: {first[:500]}") from e

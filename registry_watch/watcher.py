@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LEDGER_KEEP = 200  # batches the ledger remembers (it is compacted when it holds twice as many)
 MAX_RETRY_DELAY_S = 300.0  # a version whose validation hit a transient error is tried again at most this late
 
 
@@ -104,6 +105,17 @@ class BatchLedger:
             f.flush()
             os.fsync(f.fileno())
         self._entries[batch_id] = rec
+        if len(self._entries) > 2 * LEDGER_KEEP:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Keep the last :data:`LEDGER_KEEP` batches (a replay only ever needs the batch after the
+        last one Spark committed); rewritten atomically."""
+        keep = sorted(self._entries)[-LEDGER_KEEP:]
+        self._entries = {b: self._entries[b] for b in keep}
+        tmp = self.path.with_suffix(".compacting")
+        tmp.write_text("".join(json.dumps(self._entries[b]) + "\n" for b in keep))
+        os.replace(tmp, self.path)
 
 
 class RegistryWatcher:

@@ -79,6 +79,7 @@ def build_gate(
         sample_rows=settings.watch.sample_rows,
         recent_sample=recent_sample,
         max_message_bytes=settings.source.max_message_bytes,
+        timeout_s=settings.watch.gate_timeout_s,
     )
 
 

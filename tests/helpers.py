@@ -117,15 +117,83 @@ def expected_predictions(model_version_uri: str, rows: pd.DataFrame):
     return model.predict(rows[FEATURES])
 
 
+def _in_a_spark_task() -> bool:
+    """True inside a Spark Python worker (mlflow's log_model also calls predict, on the input example)."""
+    from pyspark import TaskContext
+
+    return TaskContext.get() is not None
+
+
 class KillsItsWorker(mlflow.pyfunc.PythonModel):
-    """Compatible signature, but predicting ends the Python process it runs in."""
+    """Compatible signature, but predicting in a Spark task ends the Python process it runs in."""
 
     def predict(self, context, model_input, params=None):
         import os
 
-        os._exit(3)
+        if _in_a_spark_task():
+            os._exit(3)
+        return pd.Series([0] * len(model_input))
 
 
 def register_worker_killer(name: str) -> str:
     X, y = iris_frame()
     return register_pyfunc(name, KillsItsWorker(), X, y.to_numpy())
+
+
+class FlakyOnSomeRows(mlflow.pyfunc.PythonModel):
+    """A real model's answer, except: no prediction (None) for rows with sepal_length 5.0, and an
+    exception for any frame holding a row with sepal_length 6.3."""
+
+    def load_context(self, context):
+        from sklearn.linear_model import LogisticRegression
+
+        X, y = iris_frame()
+        self.model = LogisticRegression(max_iter=500).fit(X, y)
+
+    def predict(self, context, model_input, params=None):
+        if (model_input["sepal_length"] == 6.3).any():
+            raise ValueError("cannot score sepal_length 6.3")
+        out = self.model.predict(model_input).astype(object)
+        out[(model_input["sepal_length"] == 5.0).to_numpy()] = None
+        return list(out)
+
+
+def register_flaky_on_some_rows(name: str) -> str:
+    X, y = iris_frame()
+    return register_pyfunc(name, FlakyOnSomeRows(), X, y.to_numpy())
+
+
+class Hangs(mlflow.pyfunc.PythonModel):
+    """Compatible signature, but predict in a Spark task never returns."""
+
+    def predict(self, context, model_input, params=None):
+        if _in_a_spark_task():
+            time.sleep(3600)
+        return pd.Series([0] * len(model_input))
+
+
+def register_hanging(name: str) -> str:
+    X, y = iris_frame()
+    return register_pyfunc(name, Hangs(), X, y.to_numpy())
+
+
+def stream_command(settings, home, *flags: str, **overrides: str) -> list[str]:
+    """``python -m streamscore stream`` with ``settings``' services, tables and model as ``--set``
+    options (``overrides`` use ``__`` for dots: ``spark__master="local[1]"``)."""
+    k = settings.source.kafka
+    sets = {
+        "app.home": str(home),
+        "spark.master": "local[2]",
+        "source.kafka.bootstrap_servers": k.bootstrap_servers,
+        "source.kafka.topic": k.topic,
+        "sink.output_path": settings.output_path,
+        "sink.dead_letter_path": settings.dead_letter_path,
+        "sink.checkpoint_path": settings.checkpoint_path,
+        "tracking.uri": settings.tracking.uri,
+        "tracking.experiment": settings.tracking.experiment,
+        "model.name": settings.model.name,
+        "trigger.processing_time": "1 second",
+    } | {key.replace("__", "."): value for key, value in overrides.items()}
+    return [sys.executable, "-m", "streamscore", "stream", *flags] + [
+        x for key, value in sets.items() for x in ("--set", f"{key}={value}")
+    ]

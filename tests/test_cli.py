@@ -10,8 +10,11 @@ import sys
 import pytest
 
 
-def _cli(*args: str) -> tuple[int, str, dict]:
-    proc = subprocess.run([sys.executable, "-m", "streamscore", *args], capture_output=True, text=True, timeout=120)
+def _cli(*args: str, sets: dict | None = None) -> tuple[int, str, dict]:
+    options = [x for key, value in (sets or {}).items() for x in ("--set", f"{key}={value}")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamscore", *args, *options], capture_output=True, text=True, timeout=120
+    )
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     return proc.returncode, proc.stderr, last
 
@@ -59,12 +62,11 @@ def test_an_unreachable_broker_stops_the_stream_at_start_naming_the_setting(tmp_
     t0 = time.time()
     code, stderr, last = _cli(
         "stream",
-        "--set",
-        f"app.home={tmp_path}",
-        "--set",
-        "app.preflight_timeout_s=3",
-        "--set",
-        f"source.kafka.bootstrap_servers=127.0.0.1:{_free_port()}",
+        sets={
+            "app.home": tmp_path,
+            "app.preflight_timeout_s": 3,
+            "source.kafka.bootstrap_servers": f"127.0.0.1:{_free_port()}",
+        },
     )
     assert code == 1 and last["status"] == "FAILED"
     assert "did not answer within 3s" in last["error"] and "source.kafka.bootstrap_servers" in last["error"]
@@ -75,15 +77,12 @@ def test_an_unreachable_broker_stops_the_stream_at_start_naming_the_setting(tmp_
 def test_an_unreachable_tracking_server_stops_the_stream_at_start_naming_the_setting(tmp_path):
     code, _, last = _cli(
         "stream",
-        "--set",
-        f"app.home={tmp_path}",
-        "--set",
-        "app.preflight_timeout_s=3",
-        "--set",
-        "source.kind=delta",
-        "--set",
-        f"source.delta.path={tmp_path / 'events'}",
-        "--set",
-        f"tracking.uri=http://127.0.0.1:{_free_port()}",
+        sets={
+            "app.home": tmp_path,
+            "app.preflight_timeout_s": 3,
+            "source.kind": "delta",
+            "source.delta.path": tmp_path / "events",
+            "tracking.uri": f"http://127.0.0.1:{_free_port()}",
+        },
     )
     assert code == 1 and "MLflow tracking server" in last["error"] and "tracking.uri" in last["error"]

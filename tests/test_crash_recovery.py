@@ -9,37 +9,22 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from streamscore.demo import ensure_topic, produce_events, train_and_register
-from tests.helpers import wait_for
+from tests.helpers import stream_command, wait_for
 
 pytestmark = pytest.mark.integration
 
 KILLS = 5
 
 
-def _command(s, home, *extra: str) -> list[str]:
-    k = s.source.kafka
-    sets = {
-        "app.home": str(home),
-        "spark.master": "local[2]",
-        "source.kafka.bootstrap_servers": k.bootstrap_servers,
-        "source.kafka.topic": k.topic,
-        "source.kafka.max_offsets_per_trigger": "150",
-        "sink.output_path": s.output_path,
-        "sink.dead_letter_path": s.dead_letter_path,
-        "sink.checkpoint_path": s.checkpoint_path,
-        "tracking.uri": s.tracking.uri,
-        "tracking.experiment": s.tracking.experiment,
-        "model.name": s.model.name,
-        "trigger.processing_time": "0.5 seconds",
-    }
-    args = [sys.executable, "-m", "streamscore", "stream", *extra]
-    return args + [x for key, value in sets.items() for x in ("--set", f"{key}={value}")]
+def _command(s, home, *flags: str) -> list[str]:
+    return stream_command(
+        s, home, *flags, source__kafka__max_offsets_per_trigger="150", trigger__processing_time="0.5 seconds"
+    )
 
 
 def test_sigkill_at_random_moments_loses_and_duplicates_nothing(spark, make_settings, tmp_path):

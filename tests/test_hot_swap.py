@@ -74,10 +74,11 @@ def test_swap_refuse_and_rollback_without_restarting_the_query(spark, make_setti
         wait_for(lambda: len(w.swaps) == 2 and w.swaps[1].first_batch_id is not None, what="swap back to v1")
         batches_after_rollback = p.batches
         wait_for(lambda: p.batches > batches_after_rollback + 1 and p.rows_by_version[v1] > 0, what="v1 again")
-    finally:
         producer.stop()
-    wait_for(lambda: p.totals["rows_in"] >= producer.sent, timeout=180, what="all events processed")
-    summary = stream.stop()
+        wait_for(lambda: p.totals["rows_in"] >= producer.sent, timeout=180, what="all events processed")
+    finally:  # whatever failed above, neither the producer nor the query outlives the test
+        producer.stop()
+        summary = stream.stop()
 
     assert summary["query_id"] == query_id  # never restarted
     refusals = {r["version"]: r["reason"] for r in summary["refused"]}

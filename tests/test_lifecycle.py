@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from streamscore.demo import ensure_topic, produce_events, train_and_register
 from streamscore.errors import GateRefused, JobFailed
 from streamscore.runner import BatchProcessor
 from streamscore.streaming import run_stream
-from tests.helpers import register_raising, wait_for
+from tests.helpers import register_raising, stream_command, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -70,22 +69,7 @@ def test_sigterm_stops_a_running_stream_after_its_batch(services, make_settings,
     ensure_topic(k.bootstrap_servers, k.topic)
     produce_events(k.bootstrap_servers, k.topic, 200, malformed_every=20, prefix="sig")
     home = tmp_path / "home"
-    sets = {
-        "app.home": str(home),
-        "spark.master": "local[1]",
-        "source.kafka.bootstrap_servers": k.bootstrap_servers,
-        "source.kafka.topic": k.topic,
-        "sink.output_path": s.output_path,
-        "sink.dead_letter_path": s.dead_letter_path,
-        "sink.checkpoint_path": s.checkpoint_path,
-        "tracking.uri": s.tracking.uri,
-        "tracking.experiment": s.tracking.experiment,
-        "model.name": s.model.name,
-        "trigger.processing_time": "1 second",
-    }
-    args = [sys.executable, "-m", "streamscore", "stream"] + [
-        x for k_, v in sets.items() for x in ("--set", f"{k_}={v}")
-    ]
+    args = stream_command(s, home, spark__master="local[1]")
     stderr_file = tmp_path / "stderr.txt"
     with open(stderr_file, "w") as err:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, env=dict(os.environ))

@@ -87,3 +87,17 @@ def test_cli_reports_config_error_with_key_and_json_last_line():
     assert "sink.bogus: unknown key" in proc.stderr
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert last["status"] == "FAILED" and "sink.bogus" in last["error"]
+
+
+def test_credentials_in_free_form_options_are_masked():
+    jaas = 'org.apache.kafka.common.security.scram.ScramLoginModule required username="u" password="p@ss-9";'
+    s = load_settings(
+        overrides={
+            "source": {"kafka": {"options": {"kafka.sasl.jaas.config": jaas, "kafka.security.protocol": "SASL_SSL"}}},
+            "spark": {"conf": {"spark.hadoop.fs.azure.account.key.acct": "azure-key-123"}},
+        }
+    )
+    dumped = json.dumps(s.masked())
+    assert "p@ss-9" not in dumped and "azure-key-123" not in dumped
+    assert s.masked()["source"]["kafka"]["options"]["kafka.security.protocol"] == "SASL_SSL"
+    assert s.source.kafka.options["kafka.sasl.jaas.config"] == jaas  # the job itself still gets the value

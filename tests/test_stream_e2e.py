@@ -109,6 +109,7 @@ def test_replayed_batch_is_not_written_twice_and_keeps_its_version(spark, make_s
     monkeypatch.setattr(BatchProcessor, "__call__", original)
 
     v2 = train_and_register(s.model.name, "v2", alias="champion")  # the alias moved meanwhile
+    MlflowClient().delete_model_version(s.model.name, v1)  # ...and the pinned version is gone from the registry
     replay = run_stream(s)
     assert replay["rows_in"] == 200  # batch 0 ran again
     assert replay["rows_by_version"] == {v1: 180}  # ...with the version recorded for it
@@ -177,3 +178,57 @@ def test_a_missing_topic_stops_the_stream_at_start_naming_the_setting(make_setti
     assert isinstance(info.value.__cause__, SourceError)
     assert f"Kafka topic {s.source.kafka.topic!r} does not exist" in info.value.summary["error"]
     assert "source.kafka.topic" in info.value.summary["error"]
+
+
+def test_a_model_that_fails_on_some_rows_costs_only_those_rows_and_the_stream_goes_on(spark, make_settings):
+    from mlflow import MlflowClient as Client
+
+    from streamscore.demo import iris_frame
+    from tests.helpers import register_flaky_on_some_rows
+
+    s = make_settings(trigger={"available_now": True}, source={"kafka": {"max_offsets_per_trigger": 100}})
+    version = register_flaky_on_some_rows(s.model.name)
+    Client().set_registered_model_alias(s.model.name, "champion", version)
+    k = s.source.kafka
+    ensure_topic(k.bootstrap_servers, k.topic)
+    sent = produce_events(k.bootstrap_servers, k.topic, 300, malformed_every=50, prefix="flaky")
+
+    summary = run_stream(s)
+
+    X, _ = iris_frame()
+    lengths = {f"flaky-{n}": X["sepal_length"][n % 150] for n in range(300)}
+    bad_ids = {i for i in sent.valid_ids if lengths[i] in (5.0, 6.3)}
+    assert summary["status"] == "FINISHED" and summary["batches"] >= 3
+    assert (summary["rows_in"], summary["rows_dead_lettered"]) == (300, sent.malformed + len(bad_ids))
+    out, dead = _read(spark, s.output_path), _read(spark, s.dead_letter_path)
+    assert set(out["event_id"]) == set(sent.valid_ids) - bad_ids and out["event_id"].is_unique
+    model_errors = dead[dead["reason"].str.startswith("model error")]
+    assert len(model_errors) == len(bad_ids)
+    label = f"(model {s.model.name!r} version {version})"
+    none_rows = model_errors[model_errors["reason"].str.contains("no prediction (None)", regex=False)]
+    raised = model_errors[model_errors["reason"].str.contains("ValueError: cannot score sepal_length 6.3")]
+    assert len(none_rows) + len(raised) == len(bad_ids) and len(none_rows) > 0 and len(raised) > 0
+    assert model_errors["reason"].str.endswith(label).all()
+
+
+def test_watch_disabled_means_no_swap(spark, make_settings):
+    from streamscore.demo import promote
+    from tests.helpers import StreamThread, wait_for
+
+    s = make_settings(watch={"enabled": False})
+    v1 = train_and_register(s.model.name, "v1", alias="champion")
+    k = s.source.kafka
+    ensure_topic(k.bootstrap_servers, k.topic)
+    stream = StreamThread(s)
+    try:
+        produce_events(k.bootstrap_servers, k.topic, 100, prefix="w1")
+        wait_for(lambda: stream.processor.totals["rows_in"] >= 100, what="first events")
+        v2 = train_and_register(s.model.name, "v2", alias=None)
+        promote(s.model.name, v2, "champion")
+        produce_events(k.bootstrap_servers, k.topic, 100, prefix="w2", start=100)
+        wait_for(lambda: stream.processor.totals["rows_in"] >= 200, what="later events")
+        batches = stream.processor.batches
+        wait_for(lambda: stream.processor.batches >= batches + 2, what="more batches after the alias moved")
+    finally:
+        summary = stream.stop()
+    assert summary["swaps"] == [] and summary["rows_by_version"] == {v1: 200}

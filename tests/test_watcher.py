@@ -64,6 +64,18 @@ def test_a_candidate_that_kills_its_worker_is_refused_and_the_old_version_serves
     assert w.poll(force=True) == "refused-recently"
 
 
+def test_the_ledger_keeps_what_replays_need_and_no_more(tmp_path, monkeypatch):
+    from streamscore.registry_watch import watcher as watcher_module
+
+    monkeypatch.setattr(watcher_module, "LEDGER_KEEP", 5)
+    ledger = BatchLedger(tmp_path / "ledger.jsonl")
+    for b in range(23):
+        ledger.record(b, "m", str(b // 10), "r")
+    again = BatchLedger(tmp_path / "ledger.jsonl")
+    kept = [b for b in range(23) if again.get(b) is not None]
+    assert kept[-1] == 22 and 5 <= len(kept) <= 10 and again.get(0) is None
+
+
 def test_a_torn_ledger_line_is_cut_and_the_ledger_goes_on(tmp_path):
     path = tmp_path / "batch_versions.jsonl"
     good = [{"batch_id": i, "name": "m", "version": "1", "run_id": "r", "at": 0} for i in range(2)]
@@ -73,3 +85,19 @@ def test_a_torn_ledger_line_is_cut_and_the_ledger_goes_on(tmp_path):
     ledger.record(2, "m", "2", "r2")
     again = BatchLedger(path)
     assert [again.get(i)["version"] for i in range(3)] == ["1", "1", "2"]
+
+
+@pytest.mark.integration
+def test_a_candidate_whose_predict_hangs_is_refused_within_the_time_limit(make_settings, watcher):
+    from tests.helpers import register_hanging
+
+    s = make_settings(watch={"gate_timeout_s": 5})
+    v1 = train_and_register(s.model.name, "v1", alias="champion")
+    w = watcher(s)
+    bad = register_hanging(s.model.name)
+    MlflowClient(s.tracking.uri).set_registered_model_alias(s.model.name, "champion", bad)
+    t0 = time.time()
+    assert w.poll(force=True) == "refused"
+    assert time.time() - t0 < 90
+    assert "watch.gate_timeout_s (5s)" in w.refusals[0].reason
+    assert w.model_for_batch(0).version == v1

@@ -1,0 +1,101 @@
+"""Smoke runs of the utility commands and the demo, each in a subprocess exactly as a user types
+it: exit code 0 and a JSON summary whose figures can be checked against the services."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from mlflow import MlflowClient
+
+from streamscore.infra.services import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def _run(*args: str, timeout: float = 600) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "streamscore", *args], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_produce_and_model_commands(services, tracking, tmp_path):
+    common = [
+        "--set",
+        f"app.home={tmp_path}",
+        "--set",
+        f"tracking.uri={tracking}",
+        "--set",
+        f"source.kafka.bootstrap_servers={services['kafka']}",
+    ]
+    name = f"cli-model-{free_port()}"
+    produced = _run(
+        "produce", "--count", "50", "--malformed-every", "10", "--set", "source.kafka.topic=cli-topic", *common
+    )
+    assert (produced["sent"], produced["valid"], produced["malformed"]) == (50, 45, 5)
+
+    registered = _run("model", "register-demo", "--alias", "", "--set", f"model.name={name}", *common)
+    promoted = _run(
+        "model",
+        "promote",
+        "--version",
+        registered["model_version"],
+        "--alias",
+        "champion",
+        "--set",
+        f"model.name={name}",
+        *common,
+    )
+    client = MlflowClient(tracking)
+    assert client.get_model_version_by_alias(name, "champion").version == registered["model_version"]
+    assert float(client.get_registered_model(name).tags["streamscore.alias_set_at.champion"]) == pytest.approx(
+        promoted["alias_set_at"]
+    )
+
+
+def test_bench_smoke(tmp_path):
+    summary = _run(
+        "bench",
+        "--rows",
+        "4000",
+        "--repeat",
+        "1",
+        "--swaps",
+        "2",
+        "--master",
+        "local[1]",
+        "--set",
+        f"app.home={tmp_path}",
+    )
+    assert summary["rows"] == 4000 and summary["streamscore_rows_per_s"] > 0 and summary["spark_udf_rows_per_s"] > 0
+
+
+def test_demo_end_to_end_on_its_own_services(tmp_path):
+    ports = [
+        "--set",
+        f"source.kafka.bootstrap_servers=127.0.0.1:{free_port()}",
+        "--set",
+        f"tracking.uri=http://127.0.0.1:{free_port()}",
+        "--set",
+        f"app.home={tmp_path}",
+    ]
+    try:
+        summary = _run("demo", "--events", "1200", "--rate", "600", *ports, timeout=900)
+        assert summary["status"] == "FINISHED" and summary["all_accounted_for"] is True
+        assert summary["rows_in"] == 1200 and len(summary["swaps"]) == 1
+        assert set(summary["rows_by_version"]) == {
+            summary["swaps"][0]["from_version"],
+            summary["swaps"][0]["to_version"],
+        }
+        status = _run("services", "status", *ports)
+        assert [(s["service"], s["healthy"]) for s in status["services"]] == [("kafka", True), ("mlflow", True)]
+    finally:
+        stop = subprocess.run(
+            [sys.executable, "-m", "streamscore", "services", "stop", *ports],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert {s["action"] for s in json.loads(stop.stdout.strip().splitlines()[-1])["services"]} == {"stopped"}

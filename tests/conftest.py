@@ -54,6 +54,30 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 _BEFORE = pytest.StashKey[set[str] | None]()
 
 
+# settings the tests must not inherit from the shell that runs them (infrastructure variables such
+# as STREAMSCORE_JARS_DIR stay)
+_SETTINGS_VARIABLES = ("STREAMSCORE_PROFILE", "STREAMSCORE_CONFIG", "STREAMSCORE_HOME")
+
+
+@pytest.fixture(autouse=True)
+def isolated_state(monkeypatch):
+    """Each test starts without the caller's STREAMSCORE_* settings, and leaves MLflow's
+    process-wide tracking and registry URIs as it found them (a job sets them from its settings)."""
+    import mlflow
+
+    for name in list(os.environ):
+        if name in _SETTINGS_VARIABLES or (name.startswith("STREAMSCORE_") and "__" in name):
+            monkeypatch.delenv(name)
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow.set_tracking_uri(before[0])
+    mlflow.set_registry_uri(before[1])
+    if before[2] is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before[2]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def mlflow_default_outside_checkout(tmp_path_factory):
     """MLflow's default store is ``mlflow.db`` / ``mlruns`` in the working directory. Until a test

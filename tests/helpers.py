@@ -89,9 +89,12 @@ class StreamThread:
 
         self.thread = threading.Thread(target=target, daemon=True)
         self.thread.start()
-        self._ready_evt.wait(300)
+        ready = self._ready_evt.wait(300)
         if self.error:
             raise self.error
+        if not ready:
+            self._stop.set()
+            raise AssertionError("the stream did not start within 300 s")
 
     @property
     def processor(self):

@@ -172,6 +172,7 @@ def run_params(settings: Settings) -> dict[str, Any]:
         "model": s["model"],
         "trigger": s["trigger"],
         "watch": s["watch"],
+        "tracking": s["tracking"],  # the token (a secret) is masked
         "profile": settings.profile,
     }
 

@@ -200,3 +200,23 @@ def stream_command(settings, home, *flags: str, **overrides: str) -> list[str]:
     return [sys.executable, "-m", "streamscore", "stream", *flags] + [
         x for key, value in sets.items() for x in ("--set", f"{key}={value}")
     ]
+
+
+def register_sklearn(name: str, model, X: pd.DataFrame, alias: str | None = None) -> str:
+    """Log and register a fitted scikit-learn model with its signature and input example."""
+    import mlflow.sklearn
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    with mlflow.start_run():
+        info = mlflow.sklearn.log_model(
+            model,
+            name="model",
+            signature=infer_signature(X, model.predict(X)),
+            input_example=X.head(3),
+            registered_model_name=name,
+        )
+    version = str(info.registered_model_version)
+    if alias:
+        MlflowClient().set_registered_model_alias(name, alias, version)
+    return version

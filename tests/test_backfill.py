@@ -132,3 +132,127 @@ def test_kafka_offset_range(spark, make_settings, tmp_path):
     assert set(rows["event_id"]) <= set(sent.valid_ids) and rows["event_id"].is_unique
     _backfill(s, rng, output_path=out, dead_letter_path=dead)
     assert len(spark.read.format("delta").load(out).toPandas()) == 36
+
+
+def test_time_travel_by_version_and_by_timestamp_reads_the_table_as_it_was(
+    spark, make_settings, events_table, tmp_path
+):
+    from delta.tables import DeltaTable
+
+    path, src = events_table  # version 0: 150 rows; version 1 appends the first 10 again
+    s = make_settings()
+    train_and_register(s.model.name, "v1", alias="champion")
+    now = _backfill(
+        s, {"kind": "delta", "path": path}, output_path=str(tmp_path / "o1"), dead_letter_path=str(tmp_path / "d1")
+    )
+    v0 = _backfill(
+        s,
+        {"kind": "delta", "path": path, "version": 0},
+        output_path=str(tmp_path / "o2"),
+        dead_letter_path=str(tmp_path / "d2"),
+    )
+    history = DeltaTable.forPath(spark, path).history().select("version", "timestamp").toPandas()
+    at_v0 = history.loc[history["version"] == 0, "timestamp"].iloc[0]
+    by_time = _backfill(
+        s,
+        {"kind": "delta", "path": path, "timestamp": str(at_v0)},
+        output_path=str(tmp_path / "o3"),
+        dead_letter_path=str(tmp_path / "d3"),
+    )
+    assert (now["rows_in"], v0["rows_in"], by_time["rows_in"]) == (160, 150, 150)
+    assert now["backfill_id"] != v0["backfill_id"] != by_time["backfill_id"]
+
+
+def test_kafka_timestamp_range(spark, make_settings, tmp_path):
+    import time
+
+    s = make_settings()
+    train_and_register(s.model.name, "v1", alias="champion")
+    k = s.source.kafka
+    ensure_topic(k.bootstrap_servers, k.topic)
+    produce_events(k.bootstrap_servers, k.topic, 40, prefix="early")
+    time.sleep(1.5)
+    middle = int(time.time() * 1000)
+    time.sleep(1.5)
+    late = produce_events(k.bootstrap_servers, k.topic, 30, prefix="late", start=40)
+    summary = _backfill(
+        s,
+        {"kind": "kafka", "starting_timestamp": middle},
+        output_path=str(tmp_path / "o"),
+        dead_letter_path=str(tmp_path / "d"),
+    )
+    rows = spark.read.format("delta").load(str(tmp_path / "o")).toPandas()
+    assert summary["rows_in"] == 30 and sorted(rows["event_id"]) == sorted(late.valid_ids)
+
+
+def test_regression_comparison_matches_an_independent_computation(spark, make_settings, events_table, tmp_path):
+    from sklearn.linear_model import LinearRegression, Ridge
+
+    from tests.helpers import register_sklearn
+
+    path, src = events_table
+    s = make_settings()
+    X, _ = iris_frame()
+    target = X["petal_width"]  # a regression on the same four inputs (the feature leaks; fine for a test)
+    base = register_sklearn(s.model.name, LinearRegression().fit(X, target), X, alias="champion")
+    other = register_sklearn(s.model.name, Ridge(alpha=50.0).fit(X, target), X)
+    summary = _backfill(
+        s,
+        {"kind": "delta", "path": path, "version": 0},
+        compare_with=other,
+        output_path=str(tmp_path / "o"),
+        dead_letter_path=str(tmp_path / "d"),
+    )
+    valid = src.drop(index=30)[FEATURES]
+    p1 = mlflow.pyfunc.load_model(f"models:/{s.model.name}/{base}").predict(valid)
+    p2 = mlflow.pyfunc.load_model(f"models:/{s.model.name}/{other}").predict(valid)
+    diff = np.abs(np.asarray(p1, dtype=float) - np.asarray(p2, dtype=float))
+    cmp = summary["comparison"]
+    assert cmp["kind"] == "regression" and cmp["rows"] == len(valid) and diff.max() > 0
+    assert cmp["mean_abs_diff"] == pytest.approx(diff.mean()) and cmp["max_abs_diff"] == pytest.approx(diff.max())
+    assert cmp["mean_shift"] == pytest.approx(float(np.mean(p2) - np.mean(p1)))
+
+
+def test_the_command_line_path_with_a_named_slice(spark, make_settings, events_table, tmp_path):
+    import subprocess
+    import sys
+
+    path, _ = events_table
+    s = make_settings()
+    train_and_register(s.model.name, "v1", alias="champion")
+    out, dead = tmp_path / "cli_out", tmp_path / "cli_dead"
+    sets = {
+        "app.home": tmp_path / "home",
+        "spark.master": "local[1]",
+        "tracking.uri": s.tracking.uri,
+        "tracking.experiment": s.tracking.experiment,
+        "model.name": s.model.name,
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "streamscore",
+        "backfill",
+        "--delta",
+        path,
+        "--as-of-version",
+        "0",
+        "--where",
+        "day = 2",
+        "--backfill-id",
+        "january-day-2",
+        "--chunks",
+        "2",
+        "--output",
+        str(out),
+        "--dead-letter",
+        str(dead),
+    ] + [x for key, value in sets.items() for x in ("--set", f"{key}={value}")]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "FINISHED" and summary["backfill_id"] == "january-day-2"
+    assert (summary["rows_in"], summary["chunks_done"]) == (24, 2)
+    rows = spark.read.format("delta").load(str(out)).toPandas()
+    assert set(rows["backfill_id"]) == {"january-day-2"} and len(rows) == 24
+    assert MlflowClient(s.tracking.uri).get_run(summary["run_id"]).data.params["backfill_id"] == "january-day-2"

@@ -180,6 +180,7 @@ def test_databricks_target_through_the_real_client(monkeypatch):
     params = [json.loads(c[3]) for c in calls if c[1].endswith("runs/log-batch") and '"params"' in c[3]]
     logged = {p["key"]: p["value"] for batch in params for p in batch["params"]}
     assert logged["model.ref"] == "@champion"
+    assert logged["tracking.token"] == "**********" and logged["tracking.databricks_host"] == rec.url
     metrics = [m for c in calls if c[1].endswith("runs/log-batch") for m in json.loads(c[3]).get("metrics", [])]
     assert {(m["key"], m["value"], m["step"]) for m in metrics} == {("rows_in", 7.0, 0), ("rows_scored", 6.0, 0)}
     update = next(json.loads(c[3]) for c in calls if c[1].endswith("runs/update"))

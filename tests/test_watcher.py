@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -101,3 +102,36 @@ def test_a_candidate_whose_predict_hangs_is_refused_within_the_time_limit(make_s
     assert time.time() - t0 < 120
     assert "watch.gate_timeout_s (30s)" in w.refusals[0].reason
     assert w.model_for_batch(0).version == v1
+
+
+@pytest.mark.integration
+def test_required_tag_policy(make_settings, watcher):
+    s = make_settings(watch={"required_tag": "validation_status=approved"})
+    v1 = train_and_register(s.model.name, "v1", alias="champion", tags={"validation_status": "approved"})
+    w = watcher(s)
+    assert w.serving.version == v1
+    v2 = train_and_register(s.model.name, "v2", alias="champion")  # not approved
+    assert w.poll(force=True) == "refused"
+    assert "required tag validation_status=approved is missing" in w.refusals[0].reason
+    v3 = train_and_register(s.model.name, "v2", alias="champion", tags={"validation_status": "pending"})
+    assert w.poll(force=True) == "refused" and "is 'pending'" in w.refusals[1].reason
+    assert w.model_for_batch(0).version == v1 and {v2, v3}.isdisjoint({w.serving.version})
+
+
+@pytest.mark.integration
+def test_latest_and_stage_references(make_settings, watcher):
+    s = make_settings(model={"ref": "latest"})
+    v1 = train_and_register(s.model.name, "v1", alias=None)
+    w = watcher(s)
+    assert w.serving.version == v1
+    v2 = train_and_register(s.model.name, "v2", alias=None)
+    assert w.poll(force=True) == "prepared" and w.model_for_batch(0).version == v2
+
+    client = MlflowClient(s.tracking.uri)
+    staged = make_settings(s.model.name, model={"ref": "stage:Production"})
+    client.transition_model_version_stage(s.model.name, v1, "Production")
+    w2 = build_watcher(staged, None, client)
+    w2.ledger = BatchLedger(Path(staged.checkpoint_path) / "ledger.jsonl")
+    assert w2.start().version == v1
+    client.transition_model_version_stage(s.model.name, v2, "Production", archive_existing_versions=True)
+    assert w2.poll(force=True) == "prepared" and w2.model_for_batch(0).version == v2

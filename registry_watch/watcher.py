@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from streamscore.errors import GateRefused, RegistryError
 from streamscore.registry_watch.gate import GateResult, ValidationGate
@@ -69,21 +69,35 @@ class _Pending:
     event: SwapEvent
 
 
-class BatchLedger:
-    """Append-only record of ``batch_id -> version`` (JSON lines). A line torn by a crash mid-write
-    (the last one, without its newline) is cut off when the ledger is opened, so the next record
-    starts on a line of its own; any other unreadable line is skipped with a warning."""
+class RemoteFile(Protocol):
+    """A small file on any file system (a checkpoint on a URI): read whole, written whole."""
 
-    def __init__(self, path: Path):
+    def read(self) -> bytes | None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+
+class BatchLedger:
+    """Record of ``batch_id -> version`` (JSON lines) beside the checkpoint.
+
+    Local: appended and fsynced per batch; a line torn by a crash mid-write (the last one, without
+    its newline) is cut off when the ledger is opened, so the next record starts on a line of its
+    own. On a URI (``remote``): rewritten whole per batch through the file system's API (an object
+    store replaces the object atomically). Any unreadable line is skipped with a warning, and only
+    the last :data:`LEDGER_KEEP` batches are kept."""
+
+    def __init__(self, path: Path | str, remote: RemoteFile | None = None):
         self.path = path
+        self.remote = remote
         self._entries: dict[int, dict[str, Any]] = {}
-        if not path.exists():
+        raw = self._read()
+        if raw is None:
             return
-        raw = path.read_bytes()
         if raw and not raw.endswith(b"\n"):
             keep = raw.rfind(b"\n") + 1
             log.warning("ledger %s: cutting a torn last line (%d bytes)", path, len(raw) - keep)
-            os.truncate(path, keep)
+            if remote is None:
+                os.truncate(path, keep)
             raw = raw[:keep]
         for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
             if not line.strip():
@@ -94,28 +108,46 @@ class BatchLedger:
             except (ValueError, KeyError, TypeError) as e:
                 log.warning("ledger %s line %d unreadable, skipped: %s", path, n, e)
 
+    def _read(self) -> bytes | None:
+        if self.remote is not None:
+            return self.remote.read()
+        path = Path(self.path)
+        return path.read_bytes() if path.exists() else None
+
     def get(self, batch_id: int) -> dict[str, Any] | None:
         return self._entries.get(batch_id)
 
+    def last(self) -> dict[str, Any] | None:
+        """The record of the highest batch id (the version the stream served last)."""
+        return self._entries[max(self._entries)] if self._entries else None
+
     def record(self, batch_id: int, name: str, version: str, run_id: str) -> None:
         rec = {"batch_id": batch_id, "name": name, "version": version, "run_id": run_id, "at": time.time()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
         self._entries[batch_id] = rec
         if len(self._entries) > 2 * LEDGER_KEEP:
-            self._compact()
+            keep = sorted(self._entries)[-LEDGER_KEEP:]
+            self._entries = {b: self._entries[b] for b in keep}
+            self._rewrite()
+        elif self.remote is not None:
+            self._rewrite()
+        else:
+            path = Path(self.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
 
-    def _compact(self) -> None:
-        """Keep the last :data:`LEDGER_KEEP` batches (a replay only ever needs the batch after the
-        last one Spark committed); rewritten atomically."""
-        keep = sorted(self._entries)[-LEDGER_KEEP:]
-        self._entries = {b: self._entries[b] for b in keep}
-        tmp = self.path.with_suffix(".compacting")
-        tmp.write_text("".join(json.dumps(self._entries[b]) + "\n" for b in keep))
-        os.replace(tmp, self.path)
+    def _rewrite(self) -> None:
+        data = "".join(json.dumps(self._entries[b]) + "\n" for b in sorted(self._entries)).encode()
+        if self.remote is not None:
+            self.remote.write(data)
+            return
+        path = Path(self.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".compacting")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
 
 
 class RegistryWatcher:
@@ -158,12 +190,13 @@ class RegistryWatcher:
         self._thread: threading.Thread | None = None
 
     # -- start -------------------------------------------------------------------------------
-    def start(self) -> ModelHandle:
-        """Resolve and validate the initial version (it defines the stream's schema)."""
-        result = self.gate.admit(self.ref, None)
+    def start(self, ref: ModelRef | None = None) -> ModelHandle:
+        """Resolve and validate the initial version (it defines the stream's schema); ``ref``
+        overrides the watched reference for this start only (a restart keeping the ledger's version)."""
+        result = self.gate.admit(ref or self.ref, None)
         self.current, self.spec = result.handle, result.spec
         self._last_poll = time.time()
-        log.info("serving %s (%s)", self.current.label, self.ref)
+        log.info("serving %s (%s)", self.current.label, ref or self.ref)
         return self.current
 
     @property

@@ -116,6 +116,34 @@ def checkpoint_exists(spark: SparkSession, path: str) -> bool | None:
         return None
 
 
+class HadoopFile:
+    """A small file read and written whole through Spark's Hadoop file system API (any URI the
+    session can reach: ``dbfs:/``, ``abfss://``, ``s3a://``, ``file://``)."""
+
+    def __init__(self, spark: SparkSession, uri: str):
+        jvm: Any = spark._jvm
+        self._path = jvm.org.apache.hadoop.fs.Path(uri)
+        self._fs = self._path.getFileSystem(spark._jsc.hadoopConfiguration())
+        self._io = jvm.org.apache.commons.io.IOUtils
+        self.uri = uri
+
+    def read(self) -> bytes | None:
+        if not self._fs.exists(self._path):
+            return None
+        stream = self._fs.open(self._path)
+        try:
+            return bytes(self._io.toByteArray(stream))
+        finally:
+            stream.close()
+
+    def write(self, data: bytes) -> None:
+        out = self._fs.create(self._path, True)
+        try:
+            out.write(bytearray(data))
+        finally:
+            out.close()
+
+
 def has_rows(spark: SparkSession, path: str) -> bool:
     return bool(spark.read.format("delta").load(path).limit(1).count())
 

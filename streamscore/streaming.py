@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from streamscore.errors import GateRefused, SinkError
 from streamscore.lifecycle import JobContext
 from streamscore.pipeline import Sinks
 from streamscore.registry_watch.gate import ValidationGate
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
     from streamscore.conf.settings import Settings
     from streamscore.registry_watch.webhook import WebhookReceiver
+    from streamscore.scoring.udf import ModelHandle
     from streamscore.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -46,12 +48,14 @@ class StreamHandle:
     watcher: RegistryWatcher
 
 
-def ledger_path(settings: Settings, incarnation: str) -> Path:
-    """Beside a local checkpoint; for a checkpoint on a URI, under the state folder, per incarnation."""
+def open_ledger(settings: Settings, spark: SparkSession) -> BatchLedger:
+    """The batch ledger, inside the checkpoint (so a checkpoint reset resets it too): a local file,
+    or through the Hadoop file system API for a checkpoint on a URI."""
     cp = settings.checkpoint_path
     if "://" in cp or cp.startswith("dbfs:"):
-        return settings.home / "ledgers" / f"{settings.app_id}-{incarnation}.jsonl"
-    return Path(cp) / "streamscore" / "batch_versions.jsonl"
+        uri = cp.rstrip("/") + "/streamscore/batch_versions.jsonl"
+        return BatchLedger(uri, sio.HadoopFile(spark, uri))
+    return BatchLedger(Path(cp) / "streamscore" / "batch_versions.jsonl")
 
 
 def delta_app_id(settings: Settings, incarnation: str) -> str:
@@ -217,22 +221,21 @@ def _stream(
     settings, spark = ctx.settings, ctx.spark
     recent = RecentSample()
     watcher = build_watcher(settings, spark, ctx.client, recent.rows, ctx.tracker)
+    watcher.ledger = open_ledger(settings, spark)
     ctx.on_close(watcher.stop)
-    handle = watcher.start()
+    sinks = Sinks(sio.IdempotentAppend(settings.output_path), sio.IdempotentAppend(settings.dead_letter_path))
+    processor = BatchProcessor(spark, watcher, ctx.tracker, sinks, recent, poll_registry=settings.watch.enabled)
+    handle = start_serving(watcher, processor)
     run_id = ctx.start_run(
         run_params(settings),
         {"streamscore.model_name": handle.name, "streamscore.initial_model_version": handle.version},
     )
-    sinks = Sinks(sio.IdempotentAppend(settings.output_path), sio.IdempotentAppend(settings.dead_letter_path))
-    processor = BatchProcessor(spark, watcher, ctx.tracker, sinks, recent, poll_registry=settings.watch.enabled)
-    processor.ensure_tables()
     trig = settings.trigger
     stopper = StopController(processor, ctx.stop_requested, trig.max_batches, trig.idle_timeout_s, should_stop)
     ctx.describe(lambda: _summary(settings, ctx, processor, watcher, stopper))
     _warn_if_new_checkpoint_on_old_tables(spark, settings)
     query = start_query(read_events(spark, settings), processor, settings)
     ctx.summary["query_id"] = query.id
-    watcher.ledger = BatchLedger(ledger_path(settings, query.id))
     app_id = delta_app_id(settings, query.id)
     processor.bind(app_id, app_id + "-dead-letter")  # batches wait for this
     ctx.on_close(lambda: query.stop() if query.isActive else None)
@@ -243,6 +246,25 @@ def _stream(
     if on_ready:
         on_ready(StreamHandle(query.id, run_id, handle.version, processor, watcher))
     stopper.run(query)
+
+
+def start_serving(watcher: RegistryWatcher, processor: BatchProcessor) -> ModelHandle:
+    """The version the stream starts with: the watched reference's, when it passes the gate and fits
+    the output tables. On a restart where it does not (the alias moved to a version the stream
+    refused, or one whose schema the tables do not have), the version the ledger recorded last
+    serves instead, and the reason is logged; without a ledger the job stops with the error."""
+    try:
+        handle = watcher.start()
+        processor.ensure_tables()
+        return handle
+    except (GateRefused, SinkError) as e:
+        last = watcher.ledger.last() if watcher.ledger is not None else None
+        if last is None:
+            raise
+        log.warning("%s; keeping version %s, the last one this stream served (its ledger)", e, last["version"])
+    handle = watcher.start(ModelRef("version", str(last["version"])))
+    processor.ensure_tables()
+    return handle
 
 
 def _warn_if_new_checkpoint_on_old_tables(spark: SparkSession, settings: Settings) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -243,3 +244,60 @@ def test_idle_timeout_stops_the_stream(make_settings):
     summary = run_stream(s)
     assert summary["status"] == "FINISHED" and summary["stop_reason"] == "idle_timeout"
     assert summary["rows_scored"] == 50
+
+
+def test_a_restart_keeps_the_ledgers_version_when_the_alias_points_at_one_the_stream_cannot_serve(
+    spark, make_settings, caplog
+):
+    import logging
+
+    from mlflow import MlflowClient as Client
+
+    from tests.helpers import register_broken_signature, register_raising
+
+    s = make_settings(trigger={"available_now": True})
+    v1 = train_and_register(s.model.name, "v1", alias="champion")
+    k = s.source.kafka
+    ensure_topic(k.bootstrap_servers, k.topic)
+    produce_events(k.bootstrap_servers, k.topic, 60, prefix="keep")
+    assert run_stream(s)["rows_by_version"] == {v1: 60}
+    client = Client()
+    caplog.set_level(logging.WARNING, logger="streamscore")
+    for register, why in (
+        (register_broken_signature, "does not fit"),
+        (register_raising, "this model version is broken"),
+    ):
+        bad = register(s.model.name)
+        client.set_registered_model_alias(s.model.name, "champion", bad)
+        produce_events(k.bootstrap_servers, k.topic, 20, prefix=f"keep-{bad}")
+        summary = run_stream(s)
+        assert summary["status"] == "FINISHED" and summary["rows_by_version"] == {v1: 20}, why
+        assert any(why in r.getMessage() and f"keeping version {v1}" in r.getMessage() for r in caplog.records)
+    assert len(_read(spark, s.output_path)) == 100
+
+
+def test_a_checkpoint_on_a_uri_keeps_its_ledger_beside_it(spark, make_settings, monkeypatch, tmp_path):
+    """``file://`` goes through the same Hadoop file system API as ``dbfs:/`` or ``abfss://``."""
+    from streamscore.runner import BatchProcessor
+
+    uri = f"file://{tmp_path}/uri-checkpoint"
+    s = make_settings(trigger={"max_batches": 1}, sink={"checkpoint_path": uri})
+    v1 = train_and_register(s.model.name, "v1", alias="champion")
+    k = s.source.kafka
+    ensure_topic(k.bootstrap_servers, k.topic)
+    produce_events(k.bootstrap_servers, k.topic, 80, prefix="uri")
+    original = BatchProcessor.__call__
+
+    def crash_after_write(self, batch_df, batch_id):
+        original(self, batch_df, batch_id)
+        raise RuntimeError("simulated crash after the sink write")
+
+    monkeypatch.setattr(BatchProcessor, "__call__", crash_after_write)
+    with pytest.raises(Exception, match="simulated crash"):
+        run_stream(s)
+    monkeypatch.setattr(BatchProcessor, "__call__", original)
+    ledger = tmp_path / "uri-checkpoint" / "streamscore" / "batch_versions.jsonl"
+    assert [json.loads(line)["version"] for line in ledger.read_text().splitlines()] == [v1]
+    train_and_register(s.model.name, "v2", alias="champion")
+    replay = run_stream(s)
+    assert replay["rows_by_version"] == {v1: 80} and len(_read(spark, s.output_path)) == 80

@@ -109,9 +109,7 @@ def checkpoint_exists(spark: SparkSession, path: str) -> bool | None:
     """Whether a streaming checkpoint is already at ``path`` (any Hadoop file system URI); None
     when this session cannot tell (no JVM access, e.g. Spark Connect)."""
     try:
-        jvm: Any = spark._jvm
-        metadata = jvm.org.apache.hadoop.fs.Path(path.rstrip("/") + "/metadata")
-        return bool(metadata.getFileSystem(spark._jsc.hadoopConfiguration()).exists(metadata))
+        return HadoopFile(spark, path.rstrip("/") + "/metadata").exists()
     except Exception:  # noqa: BLE001 - purely informational
         return None
 
@@ -127,8 +125,11 @@ class HadoopFile:
         self._io = jvm.org.apache.commons.io.IOUtils
         self.uri = uri
 
+    def exists(self) -> bool:
+        return bool(self._fs.exists(self._path))
+
     def read(self) -> bytes | None:
-        if not self._fs.exists(self._path):
+        if not self.exists():
             return None
         stream = self._fs.open(self._path)
         try:
@@ -186,7 +187,7 @@ class IdempotentAppend:
 
     The app id must be unique per checkpoint *incarnation*: a new checkpoint restarts batch ids at
     0, and with a reused app id Delta would skip every one of its writes as already done. The stream
-    binds it once its query has started (see :func:`streamscore.streaming.incarnation`)."""
+    binds it once its query has started (see :func:`streamscore.streaming.delta_app_id`)."""
 
     def __init__(self, path: str, app_id: str | None = None):
         self.path = path

@@ -171,17 +171,10 @@ class BackfillRun:
 
     def _account(self, chunk: int, outcome: Outcome) -> None:
         self.chunks_done += 1
-        for key in self.totals:
-            self.totals[key] += getattr(outcome, key)
-        self.ctx.tracker.log_metrics(
-            {
-                "rows_in": outcome.rows_in,
-                "rows_scored": outcome.rows_scored,
-                "rows_dead_lettered": outcome.rows_dead_lettered,
-                "chunk_duration_s": outcome.score_s + outcome.write_s,
-            },
-            step=chunk,
-        )
+        counts = outcome.counts()
+        for key, value in counts.items():
+            self.totals[key] += value
+        self.ctx.tracker.log_metrics({**counts, "chunk_duration_s": outcome.score_s + outcome.write_s}, step=chunk)
 
     def describe(self) -> dict[str, Any]:
         seconds = time.time() - self.ctx.started_at

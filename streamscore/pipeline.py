@@ -33,6 +33,10 @@ class Outcome:
     def rows_in(self) -> int:
         return self.rows_scored + self.rows_dead_lettered
 
+    def counts(self) -> dict[str, int]:
+        """The three row counts, named as in metrics and summaries."""
+        return {"rows_in": self.rows_in, "rows_scored": self.rows_scored, "rows_dead_lettered": self.rows_dead_lettered}
+
 
 @dataclass(frozen=True)
 class Sinks:

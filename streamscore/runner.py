@@ -104,7 +104,7 @@ class BatchProcessor:
         self.rows_by_version[version] += o.rows_scored
         if o.rows_in:
             self.last_input_at = time.time()
-        counts = {"rows_in": o.rows_in, "rows_scored": o.rows_scored, "rows_dead_lettered": o.rows_dead_lettered}
+        counts = o.counts()
         self.batch_log.append(
             {
                 "batch_id": batch_id,

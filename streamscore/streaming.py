@@ -280,14 +280,10 @@ def _warn_if_new_checkpoint_on_old_tables(spark: SparkSession, settings: Setting
 def _summary(
     settings: Settings, ctx: JobContext, processor: BatchProcessor, watcher: RegistryWatcher, stopper: StopController
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "query_id": ctx.summary.get("query_id"),
+    out: dict[str, Any] = {  # query id, run id, tracking URI and experiment: already in ctx.summary
         "output_table": settings.output_path,
         "dead_letter_table": settings.dead_letter_path,
         "checkpoint": settings.checkpoint_path,
-        "tracking_uri": ctx.tracking_uri,
-        "experiment": settings.tracking.experiment,
-        "run_id": ctx.summary.get("run_id"),
         "model_name": settings.model.name,
         "model_ref": settings.model.ref,
         "model_version": watcher.current.version if watcher.current else None,

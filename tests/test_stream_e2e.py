@@ -87,16 +87,10 @@ def test_restart_on_same_checkpoint_scores_only_new_events(spark, make_settings)
     assert sorted(out["event_id"]) == sorted(first.valid_ids + second.valid_ids)
 
 
-def test_replayed_batch_is_not_written_twice_and_keeps_its_version(spark, make_settings, monkeypatch):
-    """A crash after the Delta write but before Spark commits the batch: on restart the batch is
-    replayed; the idempotent write skips it and the ledger pins the version that scored it first."""
+def _run_crashing_after_the_first_write(settings, monkeypatch) -> None:
+    """Run the stream with a crash after its first batch's sink writes, before Spark commits the
+    batch (so a restart replays it)."""
     from streamscore.runner import BatchProcessor
-
-    s = make_settings(trigger={"max_batches": 1})
-    v1 = train_and_register(s.model.name, "v1", alias="champion")
-    k = s.source.kafka
-    ensure_topic(k.bootstrap_servers, k.topic)
-    produce_events(k.bootstrap_servers, k.topic, 200, malformed_every=10, prefix="r")
 
     original = BatchProcessor.__call__
 
@@ -104,11 +98,23 @@ def test_replayed_batch_is_not_written_twice_and_keeps_its_version(spark, make_s
         original(self, batch_df, batch_id)
         raise RuntimeError("simulated crash after the sink write")
 
-    monkeypatch.setattr(BatchProcessor, "__call__", crash_after_write)
-    with pytest.raises(Exception, match="simulated crash"):
-        run_stream(s)
+    with monkeypatch.context() as patched:
+        patched.setattr(BatchProcessor, "__call__", crash_after_write)
+        with pytest.raises(Exception, match="simulated crash"):
+            run_stream(settings)
+
+
+def test_replayed_batch_is_not_written_twice_and_keeps_its_version(spark, make_settings, monkeypatch):
+    """A crash after the Delta write but before Spark commits the batch: on restart the batch is
+    replayed; the idempotent write skips it and the ledger pins the version that scored it first."""
+    s = make_settings(trigger={"max_batches": 1})
+    v1 = train_and_register(s.model.name, "v1", alias="champion")
+    k = s.source.kafka
+    ensure_topic(k.bootstrap_servers, k.topic)
+    produce_events(k.bootstrap_servers, k.topic, 200, malformed_every=10, prefix="r")
+
+    _run_crashing_after_the_first_write(s, monkeypatch)
     assert len(_read(spark, s.output_path)) == 180  # written, but the batch never committed
-    monkeypatch.setattr(BatchProcessor, "__call__", original)
 
     v2 = train_and_register(s.model.name, "v2", alias="champion")  # the alias moved meanwhile
     MlflowClient().delete_model_version(s.model.name, v1)  # ...and the pinned version is gone from the registry
@@ -278,7 +284,6 @@ def test_a_restart_keeps_the_ledgers_version_when_the_alias_points_at_one_the_st
 
 def test_a_checkpoint_on_a_uri_keeps_its_ledger_beside_it(spark, make_settings, monkeypatch, tmp_path):
     """``file://`` goes through the same Hadoop file system API as ``dbfs:/`` or ``abfss://``."""
-    from streamscore.runner import BatchProcessor
 
     uri = f"file://{tmp_path}/uri-checkpoint"
     s = make_settings(trigger={"max_batches": 1}, sink={"checkpoint_path": uri})
@@ -286,16 +291,7 @@ def test_a_checkpoint_on_a_uri_keeps_its_ledger_beside_it(spark, make_settings, 
     k = s.source.kafka
     ensure_topic(k.bootstrap_servers, k.topic)
     produce_events(k.bootstrap_servers, k.topic, 80, prefix="uri")
-    original = BatchProcessor.__call__
-
-    def crash_after_write(self, batch_df, batch_id):
-        original(self, batch_df, batch_id)
-        raise RuntimeError("simulated crash after the sink write")
-
-    monkeypatch.setattr(BatchProcessor, "__call__", crash_after_write)
-    with pytest.raises(Exception, match="simulated crash"):
-        run_stream(s)
-    monkeypatch.setattr(BatchProcessor, "__call__", original)
+    _run_crashing_after_the_first_write(s, monkeypatch)
     ledger = tmp_path / "uri-checkpoint" / "streamscore" / "batch_versions.jsonl"
     assert [json.loads(line)["version"] for line in ledger.read_text().splitlines()] == [v1]
     train_and_register(s.model.name, "v2", alias="champion")

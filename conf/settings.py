@@ -160,6 +160,7 @@ class TrackingSettings(_Section):
     request_timeout_s: float = Field(10, gt=0)
     request_max_retries: int = Field(1, ge=0)
     buffer_max_entries: int = Field(10000, ge=1)
+    close_timeout_s: float = Field(30, gt=0)  # closing the run at job end (flush, summary, status) within this
     azure: AzureTarget = AzureTarget()
     databricks_host: str | None = None  # workspace URL for databricks:// targets (else the SDK's own config)
     mirror_uri: str | None = None  # a second tracking target that gets the same params and metrics
@@ -193,11 +194,12 @@ class WebhookSettings(_Section):
 class WatchSettings(_Section):
     enabled: bool = True
     poll_interval_s: float = Field(5, gt=0)
-    background_thread: bool = True
     required_tag: str | None = None
     retry_refused_after_s: float = Field(600, ge=0)
     sample_rows: int = Field(20, ge=1)
     gate_timeout_s: float = Field(120, gt=0)  # scoring the gate's sample must finish within this
+    download_timeout_s: float = Field(600, gt=0)  # downloading a candidate must finish within this
+    gate_partitions: int = Field(1, ge=1)  # Spark tasks the gate's sample uses (the rest keep scoring the stream)
     webhook: WebhookSettings = WebhookSettings()
 
     @field_validator("required_tag")

@@ -16,12 +16,16 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from streamscore.infra import jars
 
 log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound="Service")
 
 DEFAULT_KAFKA_PORT = int(os.environ.get("STREAMSCORE_KAFKA_PORT", "9092"))
 DEFAULT_MLFLOW_PORT = int(os.environ.get("STREAMSCORE_MLFLOW_PORT", "5055"))
@@ -34,9 +38,38 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports free now (each socket is held until all are chosen, so none
+    repeats). Another process may still take one before the service binds it: see
+    :func:`start_on_free_ports`."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def start_on_free_ports(make: Callable[[list[int]], S], n_ports: int, timeout: float = 180, attempts: int = 3) -> S:
+    """``make(ports)`` a service on fresh free ports and start it; when it cannot start (another
+    process took a port between the choice and the bind), stop it and try again on new ports."""
+    for attempt in range(1, attempts + 1):
+        service = make(free_ports(n_ports))
+        try:
+            service.start(timeout=timeout)
+            return service
+        except RuntimeError:
+            service.stop()
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _pid_alive(pid: int) -> bool:

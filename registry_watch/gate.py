@@ -1,8 +1,9 @@
 """The validation gate a model version must pass before it may serve: at start, at a swap, and in
 a backfill (one entry point, :meth:`ValidationGate.admit`).
 
-1. optional policy: a required tag on the version (``key=value``);
-2. it downloads and loads;
+1. the version is READY (one still registering is tried again later; a failed registration is
+   refused), and an optional policy: a required tag on the version (``key=value``);
+2. it downloads (within ``download_timeout_s``, else tried again later) and loads;
 3. its input signature is compatible with the stream's schema (and it predicts the same type);
 4. it scores a sample through the real Spark UDF without error: recent valid input rows of the
    stream when there are some, else the version's own input example. Running the sample through
@@ -60,6 +61,8 @@ class ValidationGate:
         recent_sample: Callable[[], list[str]] | None = None,
         max_message_bytes: int | None = None,
         timeout_s: float = 120.0,
+        download_timeout_s: float = 600.0,
+        partitions: int = 1,
     ):
         self.client = client
         self.model_name = model_name
@@ -72,6 +75,8 @@ class ValidationGate:
         self.recent_sample = recent_sample
         self.max_message_bytes = max_message_bytes
         self.timeout_s = timeout_s
+        self.download_timeout_s = download_timeout_s
+        self.partitions = partitions
 
     def admit(self, ref: ModelRef, stream_spec: InputSpec | None, resolved: ModelVersion | None = None) -> GateResult:
         """Resolve ``ref`` (unless the caller already did: ``resolved``) and validate the version.
@@ -90,11 +95,9 @@ class ValidationGate:
         t0 = time.time()
         version = str(mv.version)
         label = f"model {mv.name!r} version {version}"
+        self._check_status(mv, label)
         self._check_policy(mv)
-        try:
-            handle = materialize(self.client, mv, self.models_dir, self.spark)
-        except Exception as e:  # registry or storage trouble: not the version's fault, tried again later
-            raise RegistryError(f"{label}: download failed: {type(e).__name__}: {e}") from e
+        handle = self._download(mv, label)
         try:
             model = load_model(handle)
         except Exception as e:  # any load failure refuses the candidate
@@ -113,6 +116,41 @@ class ValidationGate:
             raise GateRefused(version, "no sample to score: no recent input and no input example logged with the model")
         self._score_sample(handle, serving_spec, sample, version)
         return GateResult(handle, serving_spec, len(sample), time.time() - t0)
+
+    @staticmethod
+    def _check_status(mv: ModelVersion, label: str) -> None:
+        status = str(getattr(mv, "status", None) or "READY")
+        if status == "READY":
+            return
+        if status.startswith("FAILED"):
+            msg = getattr(mv, "status_message", None) or ""
+            raise GateRefused(str(mv.version), f"its registration failed (status {status}{': ' + msg if msg else ''})")
+        raise RegistryError(f"{label} is not ready yet (status {status}); it is tried again later")
+
+    def _download(self, mv: ModelVersion, label: str) -> ModelHandle:
+        """:func:`materialize` within ``download_timeout_s``. Download trouble is the registry's or the
+        storage's, not the version's: it raises :class:`RegistryError` (tried again later). An
+        abandoned download finishes or fails in the background; it never replaces a finished copy."""
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["handle"] = materialize(self.client, mv, self.models_dir, self.spark)
+            except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+                outcome["error"] = e
+
+        worker = threading.Thread(target=run, name="streamscore-download", daemon=True)
+        worker.start()
+        worker.join(self.download_timeout_s)
+        if worker.is_alive():
+            raise RegistryError(
+                f"{label}: download took longer than watch.download_timeout_s ({self.download_timeout_s:g}s)"
+            )
+        if "error" in outcome:
+            e = outcome["error"]
+            raise RegistryError(f"{label}: download failed: {type(e).__name__}: {e}") from e
+        handle: ModelHandle = outcome["handle"]
+        return handle
 
     def _check_policy(self, mv: ModelVersion) -> None:
         if not self.required_tag:
@@ -182,7 +220,7 @@ class ValidationGate:
             from streamscore.scoring.transform import as_events, score
 
             df = as_events(self.spark.createDataFrame([(s,) for s in sample], "value string"), "validation-gate")
-            parts = max(1, self.spark.sparkContext.defaultParallelism)
+            parts = max(1, min(self.partitions, len(sample)))
             try:
                 rows = self._collect_within_limit(
                     score(df.repartition(parts), handle, spec, -1).select("ok", "reason"), version

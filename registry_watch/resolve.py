@@ -7,7 +7,9 @@ A reference is one of: ``@alias`` (``@champion``), ``stage:<Stage>`` (legacy sta
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,22 +82,32 @@ def materialize(
     ship_name = local_name(mv.name, str(mv.version))
     dest = models_dir / ship_name
     if not (dest / "MLmodel").exists():
-        tmp = models_dir / (ship_name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
+        # each attempt downloads into a folder of its own: an abandoned (timed out) attempt that
+        # finishes later never mixes its files with a newer one's
+        tmp = models_dir / f"{ship_name}.partial-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
-        uri = f"models:/{mv.name}/{mv.version}"
-        log.info("downloading %s", uri)
-        local = Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp), tracking_uri=_tracking_uri(client))
-        )
-        if not (local / "MLmodel").exists():
-            candidates = list(local.rglob("MLmodel"))
-            if not candidates:
-                raise RegistryError(f"model {mv.name!r} version {mv.version}: no MLmodel file in its artifacts")
-            local = candidates[0].parent
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.move(str(local), str(dest))
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            uri = f"models:/{mv.name}/{mv.version}"
+            log.info("downloading %s", uri)
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=uri, dst_path=str(tmp), tracking_uri=_tracking_uri(client)
+                )
+            )
+            if not (local / "MLmodel").exists():
+                candidates = list(local.rglob("MLmodel"))
+                if not candidates:
+                    raise RegistryError(f"model {mv.name!r} version {mv.version}: no MLmodel file in its artifacts")
+                local = candidates[0].parent
+            if not (dest / "MLmodel").exists():
+                shutil.rmtree(dest, ignore_errors=True)  # a copy without its MLmodel is incomplete
+                try:
+                    os.rename(local, dest)
+                except OSError:  # another attempt finished first: keep its copy
+                    if not (dest / "MLmodel").exists():
+                        raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     handle = ModelHandle(mv.name, str(mv.version), mv.run_id or "", str(dest), ship_name)
     if spark is not None and not str(spark.sparkContext.master).startswith("local["):
         _ship(spark, dest)

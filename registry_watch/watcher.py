@@ -1,11 +1,11 @@
 """Watch the registry and hot-swap the serving model version between micro-batches.
 
-The watcher is driven from ``foreachBatch`` itself (:meth:`RegistryWatcher.poll` after each batch,
-rate limited), so it works where ``foreachBatch`` runs in a process of its own; an optional driver
-thread (:meth:`start_background`) polls while the stream is idle, and webhooks can ask for an
-immediate poll (:meth:`request_poll`). A candidate that passes the gate is *prepared* (downloaded,
-loaded, workers warmed) and becomes the serving version at the start of the next batch, so each
-batch is scored by exactly one version.
+The watcher polls in a driver thread of its own (:meth:`start_background`, every
+``poll_interval_s``), never on a batch's path: a registry that hangs, a slow download or a long
+validation does not hold up scoring. Webhooks can ask for an immediate poll (:meth:`request_poll`).
+A candidate that passes the gate is *prepared* (downloaded, loaded, workers warmed) and becomes the
+serving version at the start of the next batch (:meth:`model_for_batch`), so each batch is scored
+by exactly one version.
 
 Replays: the version used for each batch id is written to a ledger before the batch is scored. A
 batch replayed after a crash is scored by the version recorded for it, whatever the alias says now.
@@ -407,6 +407,6 @@ class RegistryWatcher:
     def stop(self) -> None:
         self._stop.set()
         self._poll_now.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        if self._thread is not None:  # a poll stuck on a hanging registry is left behind (daemon)
+            self._thread.join(timeout=10)
             self._thread = None

@@ -154,7 +154,8 @@ class JobContext:
         self._complete_summary(status, exc)
         tracker = getattr(self, "tracker", None)
         if tracker is not None and tracker.run_id is not None:
-            tracker.finish(status.value, self.summary)
+            closed = tracker.finish(status.value, self.summary, self.settings.tracking.close_timeout_s)
+            self.summary["tracking_closed"] = closed
         log.info("%s %s in %.1fs", self.job, status.value, self.summary["duration_s"])
         if status is JobStatus.FAILED and isinstance(exc, Exception):
             code = exc.exit_code if isinstance(exc, StreamscoreError) else EXIT_FAILED

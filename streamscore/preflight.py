@@ -4,7 +4,10 @@ setting to change (instead of a query that waits forever for a broker).
 
 * Kafka source: the broker answers and the topic exists;
 * tracking: the MLflow tracking server answers (skipped for ``databricks`` / ``azureml`` targets,
-  whose clients authenticate and retry on their own).
+  whose clients authenticate and retry on their own);
+* registry: ``model.ref`` resolves to a version of ``model.name``;
+* output: the tables' and the checkpoint's local folders can be written (paths on a URI are left
+  to the job, which fails on its first write with the storage's own error).
 """
 
 from __future__ import annotations
@@ -27,10 +30,16 @@ class TrackingUnreachable(StreamscoreError):
     """The tracking server does not answer."""
 
 
+class RegistryUnreachable(StreamscoreError):
+    """The model registry does not answer, or the model reference does not resolve."""
+
+
 def check_stream_services(settings: Settings) -> None:
     if settings.source.kind == "kafka":
         check_kafka(settings)
     check_tracking(settings)
+    check_model(settings)
+    check_writable(settings, [settings.output_path, settings.dead_letter_path, settings.checkpoint_path])
 
 
 def _librdkafka_config(settings: Settings) -> dict[str, Any] | None:
@@ -100,3 +109,57 @@ def check_tracking(settings: Settings) -> None:
             "(and that the server runs: streamscore services start mlflow)"
         ) from None
     log.info("pre-flight: tracking server %s answers", uri)
+
+
+def check_model(settings: Settings) -> None:
+    """``model.ref`` resolves, within the pre-flight limit (the client's own retries included)."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    from streamscore.registry_watch.resolve import ModelRef, resolve_version
+
+    m, timeout = settings.model, settings.app.preflight_timeout_s
+    registry = settings.tracking.effective_registry_uri()
+    ref = ModelRef.parse(m.ref)
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["version"] = resolve_version(MlflowClient(registry_uri=registry), m.name, ref).version
+        except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=run, name="streamscore-preflight-registry", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise RegistryUnreachable(
+            f"model registry at {registry} did not resolve {m.name!r} {ref} within {timeout:g}s; "
+            "check tracking.registry_uri / tracking.uri (or raise app.preflight_timeout_s)"
+        )
+    if "error" in outcome:
+        e = outcome["error"]
+        raise RegistryUnreachable(
+            f"model {m.name!r} {ref} does not resolve at {registry}: {e}; register a version (and set the "
+            "alias), or fix model.name / model.ref"
+        ) from None
+    log.info("pre-flight: %s %s is version %s", m.name, ref, outcome["version"])
+
+
+def check_writable(settings: Settings, paths: list[str]) -> None:
+    import os
+    from pathlib import Path
+
+    from streamscore.errors import SinkError
+
+    for raw in paths:
+        if "://" in raw or raw.startswith("dbfs:"):
+            continue
+        path = Path(raw)
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is None or not os.access(existing, os.W_OK | os.X_OK) or not existing.is_dir():
+            raise SinkError(
+                f"cannot write {raw} ({existing} is not a writable folder); check sink.output_path, "
+                "sink.dead_letter_path, sink.checkpoint_path and app.home"
+            )

@@ -2,8 +2,9 @@
 
 ``foreachBatch(batch_df, batch_id)``: pick the batch's model version (the watcher may swap here),
 score and write it (:func:`streamscore.pipeline.score_and_write`: Delta appends with
-``txnAppId``/``txnVersion``, so a replayed batch is not written twice), log the batch's metrics,
-then let the watcher poll the registry.
+``txnAppId``/``txnVersion``, so a replayed batch is not written twice), and queue the batch's
+metrics. Nothing on this path waits for the registry or the tracking server: the watcher polls and
+validates in its own thread, and metrics and tags are sent by the tracker's own thread.
 """
 
 from __future__ import annotations
@@ -55,14 +56,12 @@ class BatchProcessor:
         tracker: Tracker,
         sinks: Sinks,
         recent: RecentSample,
-        poll_registry: bool = True,
     ):
         self.spark = spark
         self.watcher = watcher
         self.tracker = tracker
         self.sinks = sinks
         self.recent = recent
-        self.poll_registry = poll_registry  # watch.enabled: false means no swaps at all
         self.totals: Counter[str] = Counter()
         self.rows_by_version: Counter[str] = Counter()
         self.batches = 0
@@ -94,8 +93,6 @@ class BatchProcessor:
         outcome = score_and_write(batch_df, handle, self.watcher.spec, batch_id, self.sinks, self.recent.take_from)
         self._account(batch_id, handle.version, outcome, t_picked - t0, time.time() - t0)
         self.watcher.batch_scored(batch_id, outcome.rows_scored)
-        if self.poll_registry:
-            self.watcher.poll()
 
     def _account(self, batch_id: int, version: str, o: Outcome, pick_s: float, seconds: float) -> None:
         phases = {"pick_model_s": pick_s, "score_s": o.score_s, "write_s": o.write_s}

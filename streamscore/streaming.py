@@ -84,6 +84,8 @@ def build_gate(
         recent_sample=recent_sample,
         max_message_bytes=settings.source.max_message_bytes,
         timeout_s=settings.watch.gate_timeout_s,
+        download_timeout_s=settings.watch.download_timeout_s,
+        partitions=settings.watch.gate_partitions,
     )
 
 
@@ -224,7 +226,7 @@ def _stream(
     watcher.ledger = open_ledger(settings, spark)
     ctx.on_close(watcher.stop)
     sinks = Sinks(sio.IdempotentAppend(settings.output_path), sio.IdempotentAppend(settings.dead_letter_path))
-    processor = BatchProcessor(spark, watcher, ctx.tracker, sinks, recent, poll_registry=settings.watch.enabled)
+    processor = BatchProcessor(spark, watcher, ctx.tracker, sinks, recent)
     handle = start_serving(watcher, processor)
     run_id = ctx.start_run(
         run_params(settings),
@@ -239,7 +241,7 @@ def _stream(
     app_id = delta_app_id(settings, query.id)
     processor.bind(app_id, app_id + "-dead-letter")  # batches wait for this
     ctx.on_close(lambda: query.stop() if query.isActive else None)
-    if settings.watch.enabled and settings.watch.background_thread:
+    if settings.watch.enabled:  # false: the start version serves until the job ends
         watcher.start_background()
     if settings.watch.enabled and settings.watch.webhook.enabled:
         start_webhook(settings, watcher, ctx.client, ctx)

@@ -55,7 +55,7 @@ class Tracker(Protocol):
 
     def flush(self) -> bool: ...
 
-    def finish(self, status: str, summary: dict[str, Any] | None = None) -> None: ...
+    def finish(self, status: str, summary: dict[str, Any] | None = None, timeout_s: float = 30.0) -> bool: ...
 
 
 def configure_mlflow(settings: Settings) -> tuple[str, str]:
@@ -118,6 +118,7 @@ class RunTracker:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self._buffer: deque[tuple[int, Metric]] = deque()  # (sequence number, metric)
+        self._tags: dict[str, str] = {}  # set, not yet sent
         self._seq = 0
         self._max = buffer_max_entries
         self.dropped = 0
@@ -150,23 +151,47 @@ class RunTracker:
         if self.run_id is not None:
             self.client.log_artifact(self.run_id, local_path, artifact_path)
 
-    def finish(self, status: str, summary: dict[str, Any] | None = None) -> None:
+    def finish(self, status: str, summary: dict[str, Any] | None = None, timeout_s: float = 30.0) -> bool:
+        """Send what is buffered, store ``summary.json`` and set the run's status, all within
+        ``timeout_s``. False when the server did not take it all in time: the run then keeps what
+        it received (and stays RUNNING if the status could not be set); the job does not wait longer."""
         if self.run_id is None:
-            return
+            return True
+        run_id = self.run_id
         self._stopping.set()
         self._wake.set()
-        if self._sender is not None:
-            self._sender.join(timeout=60)
-        self.flush()
-        if summary is not None:
+        closed = threading.Event()
+
+        def close() -> None:
+            if self._sender is not None:
+                self._sender.join()
+            if not self.flush():
+                return
+            if summary is not None:
+                try:
+                    self.client.log_text(run_id, json.dumps(summary, indent=2, default=str), "summary.json")
+                except Exception as e:  # noqa: BLE001
+                    log.warning("could not store summary.json in run %s: %s", run_id, e)
             try:
-                self.client.log_text(self.run_id, json.dumps(summary, indent=2, default=str), "summary.json")
+                self.client.set_terminated(run_id, status=status)
             except Exception as e:  # noqa: BLE001
-                log.warning("could not store summary.json in run %s: %s", self.run_id, e)
-        try:
-            self.client.set_terminated(self.run_id, status=status)
-        except Exception as e:  # noqa: BLE001
-            log.warning("could not close MLflow run %s (%s): %s", self.run_id, status, e)
+                log.warning("could not close MLflow run %s (%s): %s", run_id, status, e)
+                return
+            closed.set()
+
+        closer = threading.Thread(target=close, name="streamscore-run-close", daemon=True)
+        closer.start()
+        closer.join(timeout_s)
+        if not closed.is_set():
+            log.warning(
+                "tracking server %s did not take the end of run %s within tracking.close_timeout_s (%gs): "
+                "the run keeps what it received and may stay RUNNING (%d metrics not sent)",
+                self.tracking_uri,
+                run_id,
+                timeout_s,
+                self.buffered,
+            )
+        return closed.is_set()
 
     # -- metrics -----------------------------------------------------------------------------------
     def log_metrics(self, metrics: Mapping[str, float | None], step: int) -> None:
@@ -188,32 +213,32 @@ class RunTracker:
     def _start_sender(self) -> None:
         """Metrics are sent by a thread of their own: a slow or hanging tracking server never holds
         up a batch (the buffer bounds what waits)."""
-        if self._sender is not None or self.run_id is None:
-            return
+        with self._lock:
+            if self._sender is not None or self.run_id is None:
+                return
+            self._sender = threading.Thread(target=self._send_loop, name="streamscore-metrics", daemon=True)
+            self._sender.start()
 
-        def loop() -> None:
-            while not self._stopping.is_set():
-                self._wake.wait(timeout=2.0)
-                self._wake.clear()
-                self.flush()
-
-        self._sender = threading.Thread(target=loop, name="streamscore-metrics", daemon=True)
-        self._sender.start()
+    def _send_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(timeout=2.0)
+            self._wake.clear()
+            self.flush()
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        if self.run_id is None:
-            return
-        try:
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, v)
-        except Exception as e:  # noqa: BLE001
-            self._outage(e)
+        """Queued like metrics and sent by the same thread (a later value of a key replaces an unsent one)."""
+        with self._lock:
+            self._tags.update(tags)
+        self._start_sender()
+        self._wake.set()
 
     def flush(self) -> bool:
         """Send what is buffered; False (and the metrics kept) when the server does not take them."""
         if self.run_id is None:
             return True
         with self._flush_lock:
+            if not self._send_tags():
+                return False
             while True:
                 with self._lock:
                     chunk = list(itertools.islice(self._buffer, 1000))
@@ -234,6 +259,25 @@ class RunTracker:
                 self.dropped,
             )
             self._outage_since = None
+        return True
+
+    def _send_tags(self) -> bool:
+        from mlflow.entities import RunTag
+
+        with self._lock:
+            tags = dict(self._tags)
+        if not tags:
+            return True
+        assert self.run_id is not None
+        try:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        except Exception as e:  # noqa: BLE001 - tracking must never stop scoring
+            self._outage(e)
+            return False
+        with self._lock:
+            for k, v in tags.items():
+                if self._tags.get(k) == v:
+                    del self._tags[k]
         return True
 
     def _outage(self, e: Exception) -> None:
@@ -317,9 +361,12 @@ class MirroredTracker:
     def flush(self) -> bool:
         return all([t.flush() for t in self._both()])
 
-    def finish(self, status: str, summary: dict[str, Any] | None = None) -> None:
-        for t in self._both():
-            t.finish(status, summary)
+    def finish(self, status: str, summary: dict[str, Any] | None = None, timeout_s: float = 30.0) -> bool:
+        deadline = time.time() + timeout_s
+        closed = self.primary.finish(status, summary, timeout_s)
+        if self.mirror is not None:  # best effort, within what is left of the time
+            self.mirror.finish(status, summary, max(1.0, deadline - time.time()))
+        return closed
 
 
 def make_tracker(settings: Settings, tracking_uri: str) -> Tracker:

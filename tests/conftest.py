@@ -95,15 +95,14 @@ def home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def services(home):
-    from streamscore.infra.services import KafkaService, MlflowService, free_port
+    from streamscore.infra.services import KafkaService, MlflowService, start_on_free_ports
 
-    kafka = KafkaService(home, free_port(), free_port())
-    mlflow_srv = MlflowService(home, free_port())
     started = []
     try:
-        for s in (kafka, mlflow_srv):
-            s.start(timeout=180)
-            started.append(s)
+        kafka = start_on_free_ports(lambda p: KafkaService(home, p[0], p[1]), 2)
+        started.append(kafka)
+        mlflow_srv = start_on_free_ports(lambda p: MlflowService(home, p[0]), 1)
+        started.append(mlflow_srv)
         yield {
             "kafka": kafka.address,
             "mlflow": mlflow_srv.address,

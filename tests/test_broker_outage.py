@@ -16,10 +16,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def own_broker(home):
-    from streamscore.infra.services import KafkaService, free_port
+    from streamscore.infra.services import KafkaService, start_on_free_ports
 
-    broker = KafkaService(home / "outage-broker", free_port(), free_port())
-    broker.start(timeout=180)
+    broker = start_on_free_ports(lambda p: KafkaService(home / "outage-broker", p[0], p[1]), 2)
     yield broker
     broker.stop()
 

@@ -23,10 +23,9 @@ AZURE = [
 
 @pytest.fixture(scope="module")
 def second_mlflow(home):
-    from streamscore.infra.services import MlflowService, free_port
+    from streamscore.infra.services import MlflowService, start_on_free_ports
 
-    svc = MlflowService(home / "mirror", free_port())
-    svc.start(timeout=180)
+    svc = start_on_free_ports(lambda p: MlflowService(home / "mirror", p[0]), 1)
     yield svc.address
     svc.stop()
 

@@ -11,9 +11,9 @@ import pytest
 from mlflow import MlflowClient
 
 from streamscore.demo import train_and_register
-from streamscore.registry_watch import gate as gate_module
 from streamscore.registry_watch.watcher import BatchLedger
 from streamscore.streaming import build_watcher
+from tests.faultproxy import FaultProxy
 from tests.helpers import register_worker_killer
 
 
@@ -29,26 +29,53 @@ def watcher(spark, make_settings, tmp_path):
 
 
 @pytest.mark.integration
-def test_a_download_error_is_retried_with_backoff_not_refused(make_settings, watcher, monkeypatch):
+def test_a_download_that_hangs_is_abandoned_in_time_and_retried_not_refused(services, make_settings, watcher):
+    """The registry answers but its artifact downloads hang (a proxy in front of the real server
+    holds them): the poll gives up after ``watch.download_timeout_s``, the version is not held
+    against (no refusal), and once downloads answer again it is prepared after the backoff."""
+    proxy = FaultProxy(services["mlflow"]).start()
+    try:
+        s = make_settings(tracking={"uri": proxy.address}, watch={"download_timeout_s": 2})
+        train_and_register(s.model.name, "v1", alias="champion")
+        w = watcher(s)
+        v2 = train_and_register(s.model.name, "v2", alias="champion")
+        proxy.hang("mlflow-artifacts")
+        t0 = time.time()
+        assert w.poll(force=True) == "validation-error"
+        assert time.time() - t0 < 8 and proxy.held > 0  # the client alone would wait 10 s, twice
+        assert w.refusals == [] and w.serving.version != v2
+        proxy.heal()
+        assert w.poll(force=True) == "retry-later"  # backoff: poll interval 0.5 s x 2
+        time.sleep(1.1)
+        assert w.poll(force=True) == "prepared"
+        assert w.model_for_batch(0).version == v2
+    finally:
+        proxy.heal()
+        proxy.stop()
+
+
+@pytest.mark.integration
+def test_a_version_must_be_ready(make_settings, watcher):
+    """A version still registering is tried again later; one whose registration failed is refused."""
+    from mlflow.entities.model_registry import ModelVersion
+
+    from streamscore.errors import GateRefused, RegistryError
+    from streamscore.registry_watch.resolve import ModelRef
+
     s = make_settings()
     train_and_register(s.model.name, "v1", alias="champion")
     w = watcher(s)
-    v2 = train_and_register(s.model.name, "v2", alias="champion")
-    real, calls = gate_module.materialize, []
+    v2 = train_and_register(s.model.name, "v2", alias=None)
+    real = MlflowClient(s.tracking.uri).get_model_version(s.model.name, v2)
 
-    def flaky(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise OSError("connection reset by peer")
-        return real(*args, **kwargs)
+    def as_status(status: str) -> ModelVersion:
+        return ModelVersion(real.name, real.version, real.creation_timestamp, run_id=real.run_id, status=status)
 
-    monkeypatch.setattr(gate_module, "materialize", flaky)
-    assert w.poll(force=True) == "validation-error"
-    assert w.refusals == [] and w.serving.version != v2
-    assert w.poll(force=True) == "retry-later"  # backoff: poll interval 0.5 s x 2
-    time.sleep(1.1)
-    assert w.poll(force=True) == "prepared"
-    assert w.model_for_batch(0).version == v2 and len(calls) == 2
+    with pytest.raises(RegistryError, match="not ready yet"):
+        w.gate.admit(ModelRef("version", v2), w.spec, resolved=as_status("PENDING_REGISTRATION"))
+    with pytest.raises(GateRefused, match="registration failed"):
+        w.gate.admit(ModelRef("version", v2), w.spec, resolved=as_status("FAILED_REGISTRATION"))
+    assert w.gate.admit(ModelRef("version", v2), w.spec, resolved=as_status("READY")).handle.version == v2
 
 
 @pytest.mark.integration

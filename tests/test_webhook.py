@@ -123,9 +123,7 @@ def test_a_stream_with_webhooks_swaps_on_a_delivery_and_removes_its_webhook(spar
     from streamscore.demo import ensure_topic, produce_events, promote, train_and_register
     from tests.helpers import StreamThread, wait_for
 
-    s = make_settings(
-        watch={"poll_interval_s": 3600, "background_thread": True, "webhook": {"enabled": True, "secret": SECRET}}
-    )
+    s = make_settings(watch={"poll_interval_s": 3600, "webhook": {"enabled": True, "secret": SECRET}})
     v1 = train_and_register(s.model.name, "v1", alias="champion")
     k = s.source.kafka
     ensure_topic(k.bootstrap_servers, k.topic)

@@ -1,0 +1,99 @@
+"""A fault injector in front of a real HTTP server (the tests' MLflow server).
+
+Requests pass through unchanged until the test says :meth:`FaultProxy.hang`: from then on the proxy
+accepts connections and reads requests (all of them, or those whose path contains a given text) but
+never answers, as a server stuck behind a load balancer does. :meth:`FaultProxy.heal` lets requests
+through again (the ones held meanwhile get their connection closed, unanswered). Clients talk to
+the proxy with their real libraries; only the network between them is faulty.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+
+
+class FaultProxy:
+    def __init__(self, upstream: str):
+        parts = urlsplit(upstream)
+        self.upstream_host = parts.hostname or "127.0.0.1"
+        self.upstream_port = parts.port or 80
+        self._hang_paths: list[str] | None = None  # None: pass everything; "" matches every path
+        self._lock = threading.Lock()
+        self._healed = threading.Event()
+        self._closing = threading.Event()
+        self.held = 0  # requests left unanswered so far
+        self.passed = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length > 0 else None
+                if proxy._should_hang(self.path):
+                    with proxy._lock:
+                        proxy.held += 1
+                    while not (proxy._healed.wait(0.5) or proxy._closing.is_set()):
+                        pass
+                    self.close_connection = True
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=120)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                with proxy._lock:
+                    proxy.passed += 1
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> FaultProxy:
+        self._thread.start()
+        return self
+
+    def hang(self, path_contains: str = "") -> None:
+        """From now on, leave requests (whose path contains ``path_contains``) unanswered."""
+        with self._lock:
+            self._healed.clear()
+            self._hang_paths = [*(self._hang_paths or []), path_contains]
+
+    def heal(self) -> None:
+        with self._lock:
+            self._hang_paths = None
+            self._healed.set()
+
+    def _should_hang(self, path: str) -> bool:
+        with self._lock:
+            return self._hang_paths is not None and any(p in path for p in self._hang_paths)
+
+    def stop(self) -> None:
+        self._closing.set()
+        self._server.shutdown()
+        self._server.server_close()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from streamscore.errors import GateRefused, RegistryError
+from streamscore.faults import failpoint
 from streamscore.registry_watch.gate import GateResult, ValidationGate
 from streamscore.registry_watch.resolve import ModelRef, local_handle, materialize, resolve_version
 from streamscore.scoring.spec import InputSpec
@@ -362,6 +363,7 @@ class RegistryWatcher:
                 log.info("swapped %s -> %s at batch %d", event.from_version, event.to_version, batch_id)
             serving = self.serving
             self.ledger.record(batch_id, serving.name, serving.version, serving.run_id)
+            failpoint("after-ledger-write")
             return serving
 
     def batch_scored(self, batch_id: int, rows_scored: int) -> None:

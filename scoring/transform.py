@@ -22,7 +22,9 @@ def score(events: DataFrame, handle: ModelHandle, spec: InputSpec, batch_id: int
     udf = make_score_udf(handle, spec)
     scored = events.select(
         udf(F.col(schema.VALUE)).alias("r"),
-        F.col(schema.VALUE).cast("string").alias("raw_value"),
+        # the payload as text for the dead-letter table; bytes that are not UTF-8 become U+FFFD so
+        # every reader can read the table (the row's reason says the payload was not valid UTF-8)
+        F.expr(f"make_valid_utf8(CAST({schema.VALUE} AS STRING))").alias("raw_value"),
         *COORDINATES,
     )
     lineage = {

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 
+from streamscore.faults import failpoint
 from streamscore.scoring.io import Sink
 from streamscore.scoring.spec import InputSpec
 from streamscore.scoring.transform import count_outcomes, dead_letter_rows, score, scored_rows
@@ -59,7 +60,9 @@ def score_and_write(
         scored, dead = count_outcomes(results)
         t_write = time.time()
         sinks.scored.write(scored_rows(results, spec), batch_id, scored)
+        failpoint("between-writes")
         sinks.dead_letter.write(dead_letter_rows(results), batch_id, dead)
+        failpoint("after-writes")
         if inspect is not None:
             inspect(results, scored)
         t_done = time.time()

@@ -73,6 +73,59 @@ def test_stream_scores_every_valid_event_once_and_dead_letters_the_rest(spark, m
     assert sum(m.value for m in client.get_metric_history(summary["run_id"], "rows_dead_lettered")) == 40
 
 
+def test_a_fuzz_corpus_through_the_live_stream_is_all_accounted_for(spark, make_settings):
+    """12,000 generated messages (over 10,000 bad: truncated JSON, wrong types, NaN / Infinity, huge
+    strings, deep nesting, duplicate keys, nulls, invalid UTF-8, empty and null values, oversized)
+    through Kafka and the stream: the job finishes, every Kafka offset is in exactly one of the two
+    tables, every dead letter has a reason, and the stream scores exactly the messages the scoring
+    code scores outside Spark."""
+    from confluent_kafka import Producer
+
+    from streamscore.scoring.records import score_chunk
+    from streamscore.scoring.spec import spec_from_signature
+    from tests.fuzz import fuzz_corpus
+
+    s = make_settings(
+        trigger={"available_now": True},
+        source={"max_message_bytes": 2048, "kafka": {"max_offsets_per_trigger": 4000}},
+    )
+    version = train_and_register(s.model.name, "v1", alias="champion")
+    k = s.source.kafka
+    ensure_topic(k.bootstrap_servers, k.topic, partitions=1)
+    corpus = fuzz_corpus(12_000, seed=23)
+    producer = Producer({"bootstrap.servers": k.bootstrap_servers, "linger.ms": 20, "enable.idempotence": True})
+    for payload in corpus:
+        producer.produce(k.topic, payload)
+        producer.poll(0)
+    assert producer.flush(60) == 0
+
+    summary = run_stream(s)
+
+    assert summary["status"] == "FINISHED" and summary["rows_in"] == len(corpus)
+    out = _read(spark, s.output_path)
+    dead = _read(spark, s.dead_letter_path)
+    offsets = sorted(list(out["source_offset"]) + list(dead["source_offset"]))
+    assert offsets == list(range(len(corpus)))  # each message once, in one table or the other
+    assert len(dead) > 10_000 and dead["reason"].notna().all() and (dead["reason"].str.len() > 0).all()
+    assert summary["rows_scored"] == len(out) and summary["rows_dead_lettered"] == len(dead)
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model(f"models:/{s.model.name}/{version}")
+    spec = spec_from_signature(model.metadata.signature, "event_id", "event_time", "fuzz", 2048)
+    outside = score_chunk(pd.Series(corpus), spec, model)
+    assert sorted(out["source_offset"]) == list(outside.index[outside["ok"]])
+    for kind in (
+        "invalid JSON",
+        "not valid UTF-8",
+        "larger than source.max_message_bytes",
+        "empty payload",
+        "expected a number",
+    ):
+        assert dead["reason"].str.contains(kind, regex=False).any(), kind
+    # the table reads (through Arrow, which refuses invalid UTF-8) and keeps the text of such payloads
+    assert dead["raw_value"].str.contains("\ufffd", regex=False).any()
+
+
 def test_restart_on_same_checkpoint_scores_only_new_events(spark, make_settings):
     s = make_settings(trigger={"available_now": True})
     train_and_register(s.model.name, "v1", alias="champion")

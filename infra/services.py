@@ -87,6 +87,15 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from ``/proc``), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 @dataclass
 class Service:
     name: str
@@ -106,11 +115,28 @@ class Service:
         return self.dir / f"{self.name}.log"
 
     def pid(self) -> int | None:
+        """The service's process, or None. The pid file holds the pid and the process's start time:
+        a stale file whose pid now belongs to another process (after a reboot, or pid reuse) is not
+        trusted, so ``stop`` never signals an unrelated process group."""
         try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
+            fields = self.pid_file.read_text().split()
+            pid = int(fields[0])
+        except (OSError, ValueError, IndexError):
             return None
-        return pid if _pid_alive(pid) else None
+        if not _pid_alive(pid):
+            return None
+        started = fields[1] if len(fields) > 1 else None
+        if started is None or started != _start_time(pid):
+            log.warning(
+                "%s: pid file %s names process %d, which is not this service; ignored", self.name, self.pid_file, pid
+            )
+            return None
+        try:
+            if os.getpgid(pid) != pid:  # the service leads its own process group (start_new_session)
+                return None
+        except ProcessLookupError:
+            return None
+        return pid
 
     # -- to be provided by subclasses -----------------------------------------------------------
     def command(self) -> list[str]:
@@ -149,7 +175,7 @@ class Service:
                     cwd=self.dir,
                     start_new_session=True,
                 )
-            self.pid_file.write_text(str(proc.pid))
+            self.pid_file.write_text(f"{proc.pid} {_start_time(proc.pid)}\n")
             pid = proc.pid
         deadline = time.time() + timeout
         while time.time() < deadline:

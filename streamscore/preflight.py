@@ -30,8 +30,8 @@ class TrackingUnreachable(StreamscoreError):
     """The tracking server does not answer."""
 
 
-class RegistryUnreachable(StreamscoreError):
-    """The model registry does not answer, or the model reference does not resolve."""
+class ModelUnavailable(StreamscoreError):
+    """The model registry does not answer, or ``model.ref`` does not resolve there."""
 
 
 def check_stream_services(settings: Settings) -> None:
@@ -134,13 +134,13 @@ def check_model(settings: Settings) -> None:
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
-        raise RegistryUnreachable(
+        raise ModelUnavailable(
             f"model registry at {registry} did not resolve {m.name!r} {ref} within {timeout:g}s; "
             "check tracking.registry_uri / tracking.uri (or raise app.preflight_timeout_s)"
         )
     if "error" in outcome:
         e = outcome["error"]
-        raise RegistryUnreachable(
+        raise ModelUnavailable(
             f"model {m.name!r} {ref} does not resolve at {registry}: {e}; register a version (and set the "
             "alias), or fix model.name / model.ref"
         ) from None

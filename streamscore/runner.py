@@ -161,22 +161,32 @@ class StopController:
         self.idle_timeout_s = idle_timeout_s
         self.should_stop = should_stop
         self.reason: str | None = None
+        self._first_progress_at: float | None = None
 
-    def _want_stop(self) -> str | None:
+    def _want_stop(self, query: StreamingQuery) -> str | None:
         if self.stop_requested.is_set():
             return "killed"
         if self.max_batches and self.processor.batches >= self.max_batches:
             return "max_batches"
-        if self.idle_timeout_s and time.time() - self.processor.last_input_at > self.idle_timeout_s:
+        if self.idle_timeout_s and self._idle_for(query) > self.idle_timeout_s:
             return "idle_timeout"
         if self.should_stop is not None and self.should_stop():
             return "requested"
         return None
 
+    def _idle_for(self, query: StreamingQuery) -> float:
+        """Seconds without input, counted from the query's first progress report at the earliest: a
+        query still starting (slow on a busy machine) has not been idle yet."""
+        if self._first_progress_at is None:
+            if query.lastProgress is None:
+                return 0.0
+            self._first_progress_at = time.time()
+        return time.time() - max(self.processor.last_input_at, self._first_progress_at)
+
     def run(self, query: StreamingQuery) -> str:
         """Block until the query ends by itself or a stop condition holds; returns why it ended."""
         while query.isActive:
-            reason = self._want_stop()
+            reason = self._want_stop(query)
             if reason and not query.status.get("isTriggerActive", False):
                 self.reason = reason
                 query.stop()

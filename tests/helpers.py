@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import sys
 import threading
 import time
@@ -52,6 +54,15 @@ def register_broken_signature(name: str) -> str:
 def register_raising(name: str) -> str:
     X, y = iris_frame()
     return register_pyfunc(name, RaisingModel(), X, y.to_numpy())
+
+
+@contextlib.contextmanager
+def silent_port():
+    """A loopback port on which nothing listens for as long as the block runs: bound, not
+    listening, so a connection is refused (and no other process can take the port meanwhile)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 def wait_for(cond, timeout: float = 120, interval: float = 0.2, what: str = "condition"):

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from tests.helpers import silent_port
+
 
 def _cli(*args: str, sets: dict | None = None) -> tuple[int, str, dict]:
     options = [x for key, value in (sets or {}).items() for x in ("--set", f"{key}={value}")]
@@ -48,26 +50,19 @@ def test_help_lists_every_command():
         assert command in proc.stdout
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_unreachable_broker_stops_the_stream_at_start_naming_the_setting(tmp_path):
     import time
 
     t0 = time.time()
-    code, stderr, last = _cli(
-        "stream",
-        sets={
-            "app.home": tmp_path,
-            "app.preflight_timeout_s": 3,
-            "source.kafka.bootstrap_servers": f"127.0.0.1:{_free_port()}",
-        },
-    )
+    with silent_port() as port:
+        code, stderr, last = _cli(
+            "stream",
+            sets={
+                "app.home": tmp_path,
+                "app.preflight_timeout_s": 3,
+                "source.kafka.bootstrap_servers": f"127.0.0.1:{port}",
+            },
+        )
     assert code == 1 and last["status"] == "FAILED"
     assert "did not answer within 3s" in last["error"] and "source.kafka.bootstrap_servers" in last["error"]
     assert "source.kafka.bootstrap_servers" in stderr
@@ -75,14 +70,15 @@ def test_an_unreachable_broker_stops_the_stream_at_start_naming_the_setting(tmp_
 
 
 def test_an_unreachable_tracking_server_stops_the_stream_at_start_naming_the_setting(tmp_path):
-    code, _, last = _cli(
-        "stream",
-        sets={
-            "app.home": tmp_path,
-            "app.preflight_timeout_s": 3,
-            "source.kind": "delta",
-            "source.delta.path": tmp_path / "events",
-            "tracking.uri": f"http://127.0.0.1:{_free_port()}",
-        },
-    )
+    with silent_port() as port:
+        code, _, last = _cli(
+            "stream",
+            sets={
+                "app.home": tmp_path,
+                "app.preflight_timeout_s": 3,
+                "source.kind": "delta",
+                "source.delta.path": tmp_path / "events",
+                "tracking.uri": f"http://127.0.0.1:{port}",
+            },
+        )
     assert code == 1 and "MLflow tracking server" in last["error"] and "tracking.uri" in last["error"]

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 
 import pytest
 from mlflow import MlflowClient
 
-from streamscore.infra.services import free_port
+from streamscore.infra.services import free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +31,7 @@ def test_produce_and_model_commands(services, tracking, tmp_path):
         "--set",
         f"source.kafka.bootstrap_servers={services['kafka']}",
     ]
-    name = f"cli-model-{free_port()}"
+    name = f"cli-model-{uuid.uuid4().hex[:8]}"
     produced = _run(
         "produce", "--count", "50", "--malformed-every", "10", "--set", "source.kafka.topic=cli-topic", *common
     )
@@ -73,11 +74,12 @@ def test_bench_smoke(tmp_path):
 
 
 def test_demo_end_to_end_on_its_own_services(tmp_path):
+    kafka_port, mlflow_port = free_ports(2)
     ports = [
         "--set",
-        f"source.kafka.bootstrap_servers=127.0.0.1:{free_port()}",
+        f"source.kafka.bootstrap_servers=127.0.0.1:{kafka_port}",
         "--set",
-        f"tracking.uri=http://127.0.0.1:{free_port()}",
+        f"tracking.uri=http://127.0.0.1:{mlflow_port}",
         "--set",
         f"app.home={tmp_path}",
     ]

@@ -241,6 +241,27 @@ def test_a_missing_topic_stops_the_stream_at_start_naming_the_setting(make_setti
     assert "source.kafka.topic" in info.value.summary["error"]
 
 
+def test_an_unresolvable_model_or_an_unwritable_table_stops_the_stream_at_start(make_settings, tmp_path):
+    from streamscore.errors import JobFailed, SinkError
+    from streamscore.preflight import ModelUnavailable
+
+    s = make_settings(trigger={"available_now": True})  # nothing registered under its model name
+    ensure_topic(s.source.kafka.bootstrap_servers, s.source.kafka.topic)
+    with pytest.raises(JobFailed) as info:
+        run_stream(s)
+    assert isinstance(info.value.__cause__, ModelUnavailable)
+    assert s.model.name in info.value.summary["error"] and "model.ref" in info.value.summary["error"]
+
+    train_and_register(s.model.name, "v1", alias="champion")
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
+    s2 = make_settings(s.model.name, trigger={"available_now": True}, sink={"output_path": str(not_a_folder / "t")})
+    ensure_topic(s2.source.kafka.bootstrap_servers, s2.source.kafka.topic)
+    with pytest.raises(JobFailed) as info:
+        run_stream(s2)
+    assert isinstance(info.value.__cause__, SinkError) and "sink.output_path" in info.value.summary["error"]
+
+
 def test_a_model_that_fails_on_some_rows_costs_only_those_rows_and_the_stream_goes_on(spark, make_settings):
     from mlflow import MlflowClient as Client
 

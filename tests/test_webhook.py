@@ -116,14 +116,19 @@ def test_real_mlflow_server_delivery_reaches_the_receiver(tracking):
 
 
 @pytest.mark.integration
-def test_a_stream_with_webhooks_swaps_on_a_delivery_and_removes_its_webhook(spark, make_settings):
-    """Polling is made so slow that only the webhook can trigger the swap in time."""
+@pytest.mark.parametrize("ref", ["@champion", "latest"])
+def test_a_stream_with_webhooks_swaps_on_a_delivery_and_removes_its_webhook(spark, make_settings, ref):
+    """Polling is made so slow that only the webhook can trigger the swap in time: an alias move
+    (``model_version_alias.created``) for ``@champion``, a new version (``model_version.created``)
+    for ``latest``."""
     from mlflow import MlflowClient
 
     from streamscore.demo import ensure_topic, produce_events, promote, train_and_register
     from tests.helpers import StreamThread, wait_for
 
-    s = make_settings(watch={"poll_interval_s": 3600, "webhook": {"enabled": True, "secret": SECRET}})
+    s = make_settings(
+        model={"ref": ref}, watch={"poll_interval_s": 3600, "webhook": {"enabled": True, "secret": SECRET}}
+    )
     v1 = train_and_register(s.model.name, "v1", alias="champion")
     k = s.source.kafka
     ensure_topic(k.bootstrap_servers, k.topic)
@@ -135,7 +140,9 @@ def test_a_stream_with_webhooks_swaps_on_a_delivery_and_removes_its_webhook(spar
         produce_events(k.bootstrap_servers, k.topic, 50, prefix="wh1")
         wait_for(lambda: stream.processor.rows_by_version.get(v1, 0) == 50, what="rows by v1")
         v2 = train_and_register(s.model.name, "v2", alias=None)
-        promote(s.model.name, v2, "champion")
+        if ref == "@champion":
+            assert not stream.watcher.swap_pending  # registering alone does not move the alias
+            promote(s.model.name, v2, "champion")
         wait_for(lambda: stream.watcher.swap_pending or stream.watcher.swaps, timeout=90, what="webhook-driven swap")
         produce_events(k.bootstrap_servers, k.topic, 50, prefix="wh2", start=50)
         wait_for(lambda: stream.processor.rows_by_version.get(v2, 0) == 50, what="rows by v2")

@@ -66,6 +66,8 @@ class KafkaSource(_Section):
     options: dict[str, str] = {}
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    security_protocol: Literal["SASL_SSL", "SASL_PLAINTEXT"] = "SASL_SSL"  # with SASL credentials
 
 
 class DeltaSource(_Section):
@@ -125,9 +127,23 @@ def _model_ref(v: str | None) -> str | None:
 ModelRefText = Annotated[str, AfterValidator(_model_ref)]
 
 
+DEFAULT_LOADERS = ("mlflow.sklearn", "mlflow.xgboost", "mlflow.lightgbm", "mlflow.onnx", "mlflow.pyfunc.model")
+
+
 class ModelSettings(_Section):
     name: str = "streamscore-iris"
     ref: ModelRefText = "@champion"
+    # the loading policy, checked on the version's MLmodel file before any of its code runs
+    allowed_loaders: list[str] = Field(default_factory=lambda: list(DEFAULT_LOADERS))
+    allow_pickle: bool = False  # versions whose loading unpickles objects or imports code they ship
+    trusted_types: list[str] = Field(default_factory=lambda: ["sklearn."])  # skops trusted-type prefixes
+    allowed_names: list[str] | None = None  # registered model names this job may load (None: any)
+
+    @model_validator(mode="after")
+    def _name_allowed(self) -> ModelSettings:
+        if self.allowed_names is not None and self.name not in self.allowed_names:
+            raise ValueError(f"model.name {self.name!r} is not in model.allowed_names {self.allowed_names}")
+        return self
 
 
 class AzureTarget(_Section):

@@ -219,9 +219,24 @@ class Service:
 class KafkaService(Service):
     """Apache Kafka in KRaft mode (broker and controller in one JVM) from Maven Central jars."""
 
-    def __init__(self, home: Path, port: int = DEFAULT_KAFKA_PORT, controller_port: int | None = None):
+    def __init__(
+        self,
+        home: Path,
+        port: int = DEFAULT_KAFKA_PORT,
+        controller_port: int | None = None,
+        sasl_port: int | None = None,
+        sasl_jaas: str | None = None,
+    ):
+        """``sasl_port`` and ``sasl_jaas`` (the broker's PLAIN login module line, as it goes into
+        ``server.properties``) add a SASL_PLAINTEXT listener beside the plain one."""
         super().__init__("kafka", home, port)
         self.controller_port = controller_port or port + 1
+        self.sasl_port = sasl_port
+        self.sasl_jaas = sasl_jaas
+
+    @property
+    def sasl_address(self) -> str:
+        return f"127.0.0.1:{self.sasl_port}"
 
     @property
     def address(self) -> str:
@@ -235,16 +250,25 @@ class KafkaService(Service):
     def prepare(self) -> None:
         data = self.dir / "data"
         props = self.dir / "server.properties"
+        listeners = [f"PLAINTEXT://127.0.0.1:{self.port}"]
+        sasl: list[str] = []
+        if self.sasl_port and self.sasl_jaas:
+            listeners.append(f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}")
+            sasl = [
+                "sasl.enabled.mechanisms=PLAIN",
+                f"listener.name.sasl_plaintext.plain.sasl.jaas.config={self.sasl_jaas}",
+            ]
         props.write_text(
             "\n".join(
                 [
                     "process.roles=broker,controller",
                     "node.id=1",
                     f"controller.quorum.bootstrap.servers=127.0.0.1:{self.controller_port}",
-                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                    f"listeners={','.join(listeners)},CONTROLLER://127.0.0.1:{self.controller_port}",
+                    f"advertised.listeners={','.join(listeners)}",
                     "controller.listener.names=CONTROLLER",
-                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
+                    *sasl,
                     "inter.broker.listener.name=PLAINTEXT",
                     f"log.dirs={data}",
                     "num.partitions=2",

@@ -3,8 +3,11 @@ a backfill (one entry point, :meth:`ValidationGate.admit`).
 
 1. the version is READY (one still registering is tried again later; a failed registration is
    refused), and an optional policy: a required tag on the version (``key=value``);
-2. it downloads (within ``download_timeout_s``, else tried again later) and loads;
-3. its input signature is compatible with the stream's schema (and it predicts the same type);
+2. it downloads (within ``download_timeout_s``, else tried again later);
+3. before any of its code runs, its ``MLmodel`` file (plain YAML) passes the loading policy
+   (:mod:`~streamscore.registry_watch.policy`: loader module, no pickles or shipped code unless
+   allowed) and its input signature is compatible with the stream's schema (and it predicts the
+   same type); only then is it loaded;
 4. it scores a sample through the real Spark UDF without error: recent valid input rows of the
    stream when there are some, else the version's own input example. Running the sample through
    Spark also warms the Python workers' model cache, so the first batch after the swap does not
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from streamscore.errors import GateRefused, RegistryError, SignatureError
+from streamscore.registry_watch.policy import LoadingPolicy
 from streamscore.registry_watch.resolve import ModelRef, materialize, resolve_version
 from streamscore.scoring.spec import InputSpec, compatible, spec_from_signature
 from streamscore.scoring.udf import ModelHandle, load_model
@@ -63,6 +67,7 @@ class ValidationGate:
         timeout_s: float = 120.0,
         download_timeout_s: float = 600.0,
         partitions: int = 1,
+        policy: LoadingPolicy | None = None,
     ):
         self.client = client
         self.model_name = model_name
@@ -77,6 +82,7 @@ class ValidationGate:
         self.timeout_s = timeout_s
         self.download_timeout_s = download_timeout_s
         self.partitions = partitions
+        self.policy = policy
 
     def admit(self, ref: ModelRef, stream_spec: InputSpec | None, resolved: ModelVersion | None = None) -> GateResult:
         """Resolve ``ref`` (unless the caller already did: ``resolved``) and validate the version.
@@ -98,18 +104,28 @@ class ValidationGate:
         self._check_status(mv, label)
         self._check_policy(mv)
         handle = self._download(mv, label)
+        # nothing of the version has run yet: its MLmodel file decides whether anything will
+        if self.policy is not None:
+            why = self.policy.check(handle.local_path)
+            if why:
+                raise GateRefused(version, f"loading policy: {why}")
         try:
-            model = load_model(handle)
-        except Exception as e:  # any load failure refuses the candidate
-            raise GateRefused(version, f"does not load: {type(e).__name__}: {e}") from e
-        try:
+            from mlflow.models import Model
+
+            signature = Model.load(handle.local_path).signature
             spec = spec_from_signature(
-                model.metadata.signature, self.event_id_field, self.event_time_field, label, self.max_message_bytes
+                signature, self.event_id_field, self.event_time_field, label, self.max_message_bytes
             )
             if stream_spec is not None:
                 compatible(stream_spec, spec, label)
         except SignatureError as e:
             raise GateRefused(version, str(e)) from None
+        except Exception as e:  # noqa: BLE001 - an unreadable MLmodel is the version's fault
+            raise GateRefused(version, f"its MLmodel file cannot be read: {type(e).__name__}: {e}") from e
+        try:
+            model = load_model(handle)
+        except Exception as e:  # any load failure refuses the candidate
+            raise GateRefused(version, f"does not load: {type(e).__name__}: {e}") from e
         serving_spec = stream_spec or spec
         sample = self._sample(model, serving_spec)
         if not sample:

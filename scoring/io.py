@@ -31,12 +31,26 @@ def kafka_options(kafka: Any) -> dict[str, str]:
         "failOnDataLoss": str(kafka.fail_on_data_loss).lower(),
     }
     if kafka.sasl_password is not None:
-        opts["kafka.sasl.jaas.config"] = (
-            "org.apache.kafka.common.security.plain.PlainLoginModule required "
-            f'username="{kafka.sasl_username or ""}" password="{kafka.sasl_password.get_secret_value()}";'
-        )
-    opts.update(kafka.options)
+        module = _LOGIN_MODULES[kafka.sasl_mechanism]
+        user, password = _jaas_quote(kafka.sasl_username or ""), _jaas_quote(kafka.sasl_password.get_secret_value())
+        opts["kafka.sasl.jaas.config"] = f"{module} required username={user} password={password};"
+        opts["kafka.sasl.mechanism"] = kafka.sasl_mechanism
+        opts["kafka.security.protocol"] = kafka.security_protocol
+    opts.update(kafka.options)  # explicit options win
     return opts
+
+
+_LOGIN_MODULES = {
+    "PLAIN": "org.apache.kafka.common.security.plain.PlainLoginModule",
+    "SCRAM-SHA-256": "org.apache.kafka.common.security.scram.ScramLoginModule",
+    "SCRAM-SHA-512": "org.apache.kafka.common.security.scram.ScramLoginModule",
+}
+
+
+def _jaas_quote(value: str) -> str:
+    """A JAAS option value as a quoted string: Kafka's parser (a Java ``StreamTokenizer``) reads
+    ``\\`` and ``\"`` inside quotes, so a password with quotes, backslashes or ``;`` stays one value."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _kafka_columns(df: DataFrame) -> DataFrame:

@@ -58,12 +58,12 @@ def _librdkafka_config(settings: Settings) -> dict[str, Any] | None:
     if k.sasl_password is not None:
         conf.update(
             {
-                "sasl.mechanism": conf.get("sasl.mechanism", "PLAIN"),
+                "sasl.mechanism": conf.get("sasl.mechanism", k.sasl_mechanism),
                 "sasl.username": k.sasl_username or "",
                 "sasl.password": k.sasl_password.get_secret_value(),
             }
         )
-        conf.setdefault("security.protocol", "SASL_SSL")
+        conf.setdefault("security.protocol", k.security_protocol)
     return conf
 
 

@@ -19,6 +19,7 @@ from streamscore.errors import GateRefused, SinkError
 from streamscore.lifecycle import JobContext
 from streamscore.pipeline import Sinks
 from streamscore.registry_watch.gate import ValidationGate
+from streamscore.registry_watch.policy import LoadingPolicy
 from streamscore.registry_watch.resolve import ModelRef
 from streamscore.registry_watch.watcher import BatchLedger, Refusal, RegistryWatcher, SwapEvent
 from streamscore.runner import BatchProcessor, RecentSample, StopController
@@ -86,6 +87,7 @@ def build_gate(
         timeout_s=settings.watch.gate_timeout_s,
         download_timeout_s=settings.watch.download_timeout_s,
         partitions=settings.watch.gate_partitions,
+        policy=LoadingPolicy(settings.model.allowed_loaders, settings.model.allow_pickle, settings.model.trusted_types),
     )
 
 

@@ -152,7 +152,9 @@ def make_settings(services, tracking, home, tmp_path):
                 "checkpoint_path": str(tmp_path / f"cp{n}"),
             },
             "tracking": {"uri": services["mlflow"], "experiment": "streamscore-tests"},
-            "model": {"name": name or f"iris-test-{n}-{int(time.time())}"},
+            # many of the tests' models are custom python_model classes (pickled): the loading
+            # policy's default refuses them (tests/test_policy.py checks that default)
+            "model": {"name": name or f"iris-test-{n}-{int(time.time())}", "allow_pickle": True},
             "trigger": {"processing_time": "1 second"},
             "watch": {"poll_interval_s": 0.5},
         }

@@ -28,6 +28,20 @@ class NeedsOtherInput(mlflow.pyfunc.PythonModel):
         return pd.Series([0] * len(model_input))
 
 
+class RecordsItsLoading(mlflow.pyfunc.PythonModel):
+    """Writes ``marker`` when loaded: a stand-in for a pickle that runs code as it loads."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def load_context(self, context):
+        with open(self.marker, "a") as f:
+            f.write("loaded\n")
+
+    def predict(self, context, model_input, params=None):
+        return pd.Series([0] * len(model_input))
+
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
@@ -49,6 +63,11 @@ def register_broken_signature(name: str) -> str:
     X, y = iris_frame()
     X = X.assign(petal_area=X["petal_length"] * X["petal_width"])
     return register_pyfunc(name, NeedsOtherInput(), X, y.to_numpy())
+
+
+def register_records_its_loading(name: str, marker: str) -> str:
+    X, y = iris_frame()
+    return register_pyfunc(name, RecordsItsLoading(marker), X, y.to_numpy())
 
 
 def register_raising(name: str) -> str:

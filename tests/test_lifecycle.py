@@ -11,10 +11,11 @@ import signal
 import subprocess
 from pathlib import Path
 
+import mlflow.pyfunc
 import pytest
 from mlflow import MlflowClient
 
-from streamscore.demo import ensure_topic, produce_events, train_and_register
+from streamscore.demo import FEATURES, ensure_topic, produce_events, train_and_register
 from streamscore.errors import GateRefused, JobFailed
 from streamscore.runner import BatchProcessor
 from streamscore.streaming import run_stream
@@ -62,14 +63,18 @@ def test_a_refused_initial_version_fails_naming_model_and_version(spark, make_se
     assert "this model version is broken" in error
 
 
-def test_sigterm_stops_a_running_stream_after_its_batch(services, make_settings, tmp_path):
+def test_sigterm_stops_a_stream_running_on_a_cluster_after_its_batch(spark, make_settings, tmp_path):
+    """The job in a subprocess on ``local-cluster[2,1,1024]`` (a master, two workers, executors in
+    JVMs of their own: the connector and Delta jars and the model reach them through ``spark.jars``
+    and ``SparkContext.addArchive`` as on a real cluster), then SIGTERM: it stops after its batch,
+    KILLED, with its summary; the rows it wrote are scored like the model's own ``predict``."""
     s = make_settings()
-    train_and_register(s.model.name, "v1", alias="champion")
+    version = train_and_register(s.model.name, "v1", alias="champion")
     k = s.source.kafka
     ensure_topic(k.bootstrap_servers, k.topic)
-    produce_events(k.bootstrap_servers, k.topic, 200, malformed_every=20, prefix="sig")
+    sent = produce_events(k.bootstrap_servers, k.topic, 200, malformed_every=20, prefix="sig")
     home = tmp_path / "home"
-    args = stream_command(s, home, spark__master="local[1]")
+    args = stream_command(s, home, spark__master="local-cluster[2,1,1024]")
     stderr_file = tmp_path / "stderr.txt"
     with open(stderr_file, "w") as err:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, env=dict(os.environ))
@@ -97,3 +102,7 @@ def test_sigterm_stops_a_running_stream_after_its_batch(services, make_settings,
     assert lines and all(re.match(r"\S+ \S+ (INFO|WARNING|ERROR) streamscore", line) for line in lines), lines
     log_file = Path(re.search(r"library and JVM logs: (\S+)", stderr).group(1))
     assert log_file.parent == home / "logs" and log_file.exists()
+    out = spark.read.format("delta").load(s.output_path).toPandas()
+    assert sorted(out["event_id"]) == sorted(sent.valid_ids) and set(out["model_version"]) == {version}
+    model = mlflow.pyfunc.load_model(f"models:/{s.model.name}/{version}")
+    assert (model.predict(out[FEATURES]) == out["prediction"].to_numpy()).all()

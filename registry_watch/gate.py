@@ -120,7 +120,7 @@ class ValidationGate:
                 compatible(stream_spec, spec, label)
         except SignatureError as e:
             raise GateRefused(version, str(e)) from None
-        except Exception as e:  # noqa: BLE001 - an unreadable MLmodel is the version's fault
+        except Exception as e:
             raise GateRefused(version, f"its MLmodel file cannot be read: {type(e).__name__}: {e}") from e
         try:
             model = load_model(handle)

@@ -37,10 +37,6 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
 def free_ports(n: int) -> list[int]:
     """``n`` distinct loopback ports free now (each socket is held until all are chosen, so none
     repeats). Another process may still take one before the service binds it: see

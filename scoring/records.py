@@ -123,23 +123,28 @@ def _size(raw: bytes | str) -> int:
 
 
 def _parse_times(times: list[Any], reasons: list[str | None], time_field: str) -> pd.Series:
-    """Vectorised: ISO-8601 strings (any offset) and epoch milliseconds -> UTC timestamps."""
+    """Vectorised: ISO-8601 strings (any offset) and epoch milliseconds -> UTC timestamps.
+
+    Epoch numbers are converted here, not by ``pandas.to_datetime(unit=...)``: that path raises
+    ``FloatingPointError`` on some inputs holding NaN (it reads unset memory for them), so only
+    finite numbers inside the nanosecond range (years 1677-2262) are converted; the rest are NaT."""
     n = len(times)
-    out = pd.Series(pd.NaT, index=range(n), dtype="datetime64[ns, UTC]")
+    ns = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)  # the NaT sentinel
     str_idx = [i for i, t in enumerate(times) if isinstance(t, str)]
     num_idx = [i for i, t in enumerate(times) if t is not None and not isinstance(t, str)]
     if str_idx:
         parsed = pd.to_datetime(
             pd.Series([times[i] for i in str_idx], dtype="object"), utc=True, errors="coerce", format="ISO8601"
         )
-        out.iloc[str_idx] = parsed.to_numpy()
+        ns[str_idx] = parsed.dt.as_unit("ns").array.asi8
     if num_idx:
-        nums = pd.Series([times[i] for i in num_idx], dtype="float64")
-        # beyond what a nanosecond timestamp holds (years 1677-2262) pandas raises instead of coercing
-        nums = nums.where(nums.abs() < _MAX_EPOCH_MS)
+        ms = np.array([times[i] for i in num_idx], dtype=np.float64)
         with np.errstate(all="ignore"):
-            parsed = pd.to_datetime(nums, unit="ms", utc=True, errors="coerce")
-        out.iloc[num_idx] = parsed.to_numpy()
+            ok = np.isfinite(ms) & (np.abs(ms) < _MAX_EPOCH_MS)
+            whole = np.floor(ms[ok])  # whole milliseconds and their fraction apart: exact to the ns
+            frac_ns = np.round((ms[ok] - whole) * 1_000_000.0).astype(np.int64)
+            ns[np.asarray(num_idx)[ok]] = whole.astype(np.int64) * 1_000_000 + frac_ns
+    out = pd.Series(ns.view("datetime64[ns]")).dt.tz_localize("UTC")
     bad = out.isna().to_numpy()
     for i in str_idx + num_idx:
         if bad[i]:

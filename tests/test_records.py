@@ -68,6 +68,18 @@ def test_epoch_millis_and_integer_values_are_accepted(model):
     assert out["ok"][0] and out["event_time"][0] == pd.Timestamp(1_700_000_000_000, unit="ms", tz="UTC")
 
 
+def test_epoch_times_out_of_range_are_dead_lettered_and_fractions_kept_exactly(model):
+    # pandas' own epoch conversion raised FloatingPointError on a mix like this one (CI, once)
+    times = [1767225845123.5, -1.25, 1e30, -1e30, 1e300, 9.3e15, 1_700_000_000_000] * 300
+    out = score_chunk(pd.Series([_event(i, event_time=t) for i, t in enumerate(times)]), SPEC, model)
+    first = out.iloc[:7]
+    assert first["ok"].tolist() == [True, True, False, False, False, False, True]
+    assert first["event_time"][0] == pd.Timestamp("2026-01-01T00:04:05.1235Z")
+    assert first["event_time"][1] == pd.Timestamp("1969-12-31T23:59:59.99875Z")
+    assert "not a valid timestamp (1e+30)" in first["reason"][2]
+    assert out["ok"].sum() == 3 * 300
+
+
 def test_a_failing_model_dead_letters_the_rows_with_the_cause():
     class Broken:
         def predict(self, df):

@@ -180,6 +180,7 @@ class TrackingSettings(_Section):
     azure: AzureTarget = AzureTarget()
     databricks_host: str | None = None  # workspace URL for databricks:// targets (else the SDK's own config)
     mirror_uri: str | None = None  # a second tracking target that gets the same params and metrics
+    mirror_token: SecretStr | None = None  # the mirror's own token; the primary's is never sent there
 
     def effective_uri(self) -> str:
         if self.uri:
@@ -253,6 +254,11 @@ class Settings(BaseSettings):
         # init kwargs carry the YAML layers; the environment overrides them. CLI --set is applied
         # into the YAML layers' top (see load_settings) but must still beat the environment, so it
         # comes in through _CliSource.
+        # ``STREAMSCORE_..._FILE`` variables name files, read by load_settings (_secret_files)
+        env_vars = env_settings.env_vars  # type: ignore[attr-defined]
+        env_settings.env_vars = {  # type: ignore[attr-defined]
+            k: v for k, v in env_vars.items() if not k.lower().endswith(FILE_SUFFIX.lower())
+        }
         return (_CliSource(settings_cls), env_settings, init_settings)
 
     # -- derived values -------------------------------------------------------------------------
@@ -298,6 +304,30 @@ class Settings(BaseSettings):
 
 
 _CLI_OVERRIDES: dict[str, Any] = {}
+
+FILE_SUFFIX = "_FILE"
+
+
+def _secret_files() -> dict[str, Any]:
+    """Settings read from files named by ``STREAMSCORE_<SECTION>__<KEY>_FILE`` (a mounted secret,
+    say): the file's content, without its trailing newline, is the value. Above the YAML layers,
+    below the plain variable and ``--set``. A named file that cannot be read stops the job."""
+    out: dict[str, Any] = {}
+    for var, file in os.environ.items():
+        if not (var.startswith(ENV_PREFIX) and var.endswith(FILE_SUFFIX)) or var == ENV_PREFIX + "HOME_FILE":
+            continue
+        path = var[len(ENV_PREFIX) : -len(FILE_SUFFIX)].lower().split("__")
+        if len(path) < 2:
+            continue
+        try:
+            value = Path(file).read_text().rstrip("\r\n")
+        except OSError as e:
+            raise ConfigError(f"{'.'.join(path)}: cannot read the file named by {var} ({e.strerror})") from None
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
 
 
 class _CliSource(PydanticBaseSettingsSource):
@@ -369,6 +399,7 @@ def load_settings(
     if config_file:
         layers = _deep_merge(layers, _read_yaml(Path(config_file)))
     layers["profile"] = profile
+    layers = _deep_merge(layers, _secret_files())
     if "STREAMSCORE_HOME" in os.environ:
         layers = _deep_merge(layers, {"app": {"home": os.environ["STREAMSCORE_HOME"]}})
     cli = overrides if isinstance(overrides, dict) else parse_overrides(overrides or [])

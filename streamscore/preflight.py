@@ -99,7 +99,12 @@ def check_tracking(settings: Settings) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+        from streamscore.credentials import token_for
+
+        url = uri.rstrip("/") + "/health"
+        token = token_for(url)  # the target's own token, as for its other requests
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout):
             pass
     except urllib.error.HTTPError:
         pass  # it answers (a server without /health, or behind auth): the client will say more

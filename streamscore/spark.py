@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from pyspark.sql import SparkSession
 
+from streamscore.credentials import hidden_from_children
 from streamscore.logs import redirect_fds_to_log
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ def build_spark(settings: Settings) -> SparkSession:
         builder = builder.master(sp.master)
     for k, v in spark_conf(settings).items():
         builder = builder.config(k, v)
-    with redirect_fds_to_log():
+    with redirect_fds_to_log(), hidden_from_children():
         spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark

@@ -22,7 +22,7 @@ from streamscore.errors import ConfigError
 if TYPE_CHECKING:
     from mlflow.entities import Metric
 
-    from streamscore.conf.settings import Settings
+    from streamscore.conf.settings import Settings, TrackingSettings
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,7 @@ def configure_mlflow(settings: Settings) -> tuple[str, str]:
     uris = [t.effective_uri(), t.effective_registry_uri(), t.mirror_uri or ""]
     if t.databricks_host and any(u.startswith("databricks") for u in uris):
         os.environ["DATABRICKS_HOST"] = t.databricks_host
-    if t.token is not None:
-        # handed to the client libraries through their own variables, never logged or printed
-        if any(u.startswith("databricks") for u in uris):
-            os.environ["DATABRICKS_TOKEN"] = t.token.get_secret_value()
-        else:
-            os.environ["MLFLOW_TRACKING_TOKEN"] = t.token.get_secret_value()
+    _register_credentials(t)
     from streamscore.logs import quiet_mlflow
 
     quiet_mlflow()
@@ -84,6 +79,29 @@ def configure_mlflow(settings: Settings) -> tuple[str, str]:
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(registry_uri)
     return tracking_uri, registry_uri
+
+
+def _register_credentials(t: TrackingSettings) -> None:
+    """Each target's token for that target only (see :mod:`streamscore.credentials`): the
+    primary's for the tracking and registry URIs, ``mirror_token`` for the mirror. Never logged."""
+    from streamscore import credentials
+
+    credentials.clear()
+    databricks_token: str | None = None
+    primary = [t.effective_uri(), t.effective_registry_uri()]
+    for uris, secret in ((primary, t.token), ([t.mirror_uri or ""], t.mirror_token)):
+        if secret is None:
+            continue
+        for uri in dict.fromkeys(uris):
+            if uri.startswith(("http://", "https://")):
+                credentials.register(uri, secret.get_secret_value())
+            elif uri.startswith("databricks"):  # the SDK reads it; kept from Spark (build_spark)
+                if databricks_token not in (None, secret.get_secret_value()):
+                    raise ConfigError(
+                        "tracking.mirror_token: two Databricks targets with different tokens need "
+                        "databricks://<profile> URIs (one profile each in ~/.databrickscfg)"
+                    )
+                databricks_token = os.environ["DATABRICKS_TOKEN"] = secret.get_secret_value()
 
 
 def _check_azureml_plugin() -> None:

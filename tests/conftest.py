@@ -70,6 +70,9 @@ def isolated_state(monkeypatch):
             monkeypatch.delenv(name)
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")
     yield
+    from streamscore import credentials
+
+    credentials.clear()
     mlflow.set_tracking_uri(before[0])
     mlflow.set_registry_uri(before[1])
     if before[2] is None:

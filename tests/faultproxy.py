@@ -28,6 +28,7 @@ class FaultProxy:
         self._closing = threading.Event()
         self.held = 0  # requests left unanswered so far
         self.passed = 0
+        self.seen: list[tuple[str, str, str | None]] = []  # (method, path, Authorization header)
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,6 +40,8 @@ class FaultProxy:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length > 0 else None
+                with proxy._lock:
+                    proxy.seen.append((self.command, self.path, self.headers.get("Authorization")))
                 if proxy._should_hang(self.path):
                     with proxy._lock:
                         proxy.held += 1

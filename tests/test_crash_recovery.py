@@ -22,7 +22,7 @@ from tests.helpers import stream_command, wait_for
 
 pytestmark = pytest.mark.integration
 
-RANDOM_KILLS = 5
+RANDOM_KILLS = int(os.environ.get("STREAMSCORE_CRASH_KILLS", "2"))  # more for a deeper run
 WINDOWS = ("after-ledger-write", "between-writes", "after-writes")
 
 

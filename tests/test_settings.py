@@ -57,6 +57,22 @@ def test_secrets_are_masked(monkeypatch):
     assert s.tracking.token.get_secret_value() == "s3cr3t-token"
 
 
+def test_secrets_from_files_named_by_environment_variables(monkeypatch, tmp_path):
+    (tmp_path / "token").write_text('from-"file"\\ \n')
+    (tmp_path / "kafka").write_text("kafka-file-pass")
+    monkeypatch.setenv("STREAMSCORE_TRACKING__TOKEN_FILE", str(tmp_path / "token"))
+    monkeypatch.setenv("STREAMSCORE_SOURCE__KAFKA__SASL_PASSWORD_FILE", str(tmp_path / "kafka"))
+    s = load_settings()
+    assert s.tracking.token.get_secret_value() == 'from-"file"\\ '  # only the line end is dropped
+    assert s.source.kafka.sasl_password.get_secret_value() == "kafka-file-pass"
+    assert "kafka-file-pass" not in json.dumps(s.masked())
+    monkeypatch.setenv("STREAMSCORE_TRACKING__TOKEN", "from-env")  # the plain variable wins
+    assert load_settings().tracking.token.get_secret_value() == "from-env"
+    monkeypatch.setenv("STREAMSCORE_TRACKING__MIRROR_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match=r"tracking\.mirror_token: cannot read the file named by STREAMSCORE_"):
+        load_settings()
+
+
 def test_azure_uri_is_built_and_incomplete_target_is_named():
     s = load_settings(
         "azure",

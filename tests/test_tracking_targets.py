@@ -184,3 +184,73 @@ def test_databricks_target_through_the_real_client(monkeypatch):
     assert {(m["key"], m["value"], m["step"]) for m in metrics} == {("rows_in", 7.0, 0), ("rows_scored", 6.0, 0)}
     update = next(json.loads(c[3]) for c in calls if c[1].endswith("runs/update"))
     assert update["status"] == "FINISHED"
+
+
+@pytest.mark.integration
+def test_each_target_gets_its_own_token_and_nothing_process_wide_holds_either(spark, make_settings, second_mlflow):
+    """Both targets are real MLflow servers behind recording proxies; the model is resolved and
+    downloaded through the primary's proxy too."""
+    import os
+
+    from tests.faultproxy import FaultProxy
+
+    primary_token, mirror_token = "primary-tok-7f3a", "mirror-tok-91c2"
+    s0 = make_settings()
+    primary, mirror = FaultProxy(s0.tracking.uri).start(), FaultProxy(second_mlflow).start()
+    try:
+        s = make_settings(
+            s0.model.name,
+            trigger={"available_now": True},
+            tracking={
+                "uri": primary.address,
+                "token": primary_token,
+                "mirror_uri": mirror.address,
+                "mirror_token": mirror_token,
+            },
+        )
+        train_and_register(s.model.name, "v1", alias="champion")
+        k = s.source.kafka
+        ensure_topic(k.bootstrap_servers, k.topic)
+        produce_events(k.bootstrap_servers, k.topic, 100, prefix="tok")
+        summary = run_stream(s)
+        environment = "\n".join(f"{k}={v}" for k, v in os.environ.items())
+    finally:
+        primary.stop()
+        mirror.stop()
+    assert summary["status"] == "FINISHED" and summary["rows_scored"] == 100
+    assert primary.seen and mirror.seen
+    unsigned = [p for p in primary.seen if p[2] is None]
+    assert {auth for _, _, auth in primary.seen} == {f"Bearer {primary_token}"}, unsigned
+    assert {auth for _, _, auth in mirror.seen} == {f"Bearer {mirror_token}"}
+    paths = " ".join(path for _, path, _ in primary.seen)
+    assert "model-versions" in paths and "/artifacts/" in paths  # registry and download, with the token
+    assert primary_token not in environment and mirror_token not in environment
+    for run_id, client in ((summary["run_id"], s0.tracking.uri), (summary["mirror_run_id"], second_mlflow)):
+        logged = MlflowClient(client).get_run(run_id).data.params
+        assert logged["tracking.token"] == logged["tracking.mirror_token"] == "**********"
+
+
+SPARK_CHILD_ENV = """
+import json, os, sys
+from streamscore.conf.settings import load_settings
+from streamscore.spark import build_spark
+spark = build_spark(load_settings("local", overrides=["spark.master=local[1]", "app.home=" + sys.argv[1]]))
+seen = spark.sparkContext.parallelize([0], 1).map(
+    lambda _: {k: os.environ.get(k) for k in ("DATABRICKS_TOKEN", "AZURE_CLIENT_SECRET", "PATH")}).collect()[0]
+print(json.dumps({"worker": seen, "driver": os.environ.get("DATABRICKS_TOKEN")}))
+"""
+
+
+@pytest.mark.integration
+def test_credential_variables_do_not_reach_the_spark_jvm_or_its_python_workers(home):
+    import os
+
+    env = {**os.environ, "DATABRICKS_TOKEN": "dapi-worker-probe", "AZURE_CLIENT_SECRET": "az-probe"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SPARK_CHILD_ENV, str(home)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["worker"]["PATH"]  # the probe reads the worker's real environment
+    assert seen["worker"]["DATABRICKS_TOKEN"] is None and seen["worker"]["AZURE_CLIENT_SECRET"] is None
+    assert seen["driver"] == "dapi-worker-probe"  # the driver's own clients still have it

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
+from requests import PreparedRequest
 from requests.auth import AuthBase
 
 AUTH_NAME = "streamscore"
@@ -87,7 +88,7 @@ def hidden_from_children() -> Iterator[None]:
 
 
 class _TargetAuth(AuthBase):
-    def __call__(self, request):  # type: ignore[no-untyped-def]
+    def __call__(self, request: PreparedRequest) -> PreparedRequest:
         token = token_for(request.url)
         if token is not None:
             request.headers["Authorization"] = f"Bearer {token}"

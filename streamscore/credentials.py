@@ -89,7 +89,7 @@ def hidden_from_children() -> Iterator[None]:
 
 class _TargetAuth(AuthBase):
     def __call__(self, request: PreparedRequest) -> PreparedRequest:
-        token = token_for(request.url)
+        token = token_for(request.url or "")
         if token is not None:
             request.headers["Authorization"] = f"Bearer {token}"
         return request

@@ -199,6 +199,8 @@ class WebhookSettings(_Section):
     port: int = Field(0, ge=0, le=65535)  # 0: any free port
     secret: SecretStr | None = None
     max_age_s: float = Field(300, gt=0)
+    max_connections: int = Field(16, ge=1)  # served at once; more are closed unread
+    client_timeout_s: float = Field(10, gt=0)  # a client that sends its request slower is dropped
     register_on_server: bool = True  # create the webhook on the MLflow server at start (removed at stop)
 
     @model_validator(mode="after")

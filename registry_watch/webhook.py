@@ -4,7 +4,11 @@ MLflow signs each delivery with HMAC-SHA256 over ``"<delivery id>.<unix timestam
 sends ``X-MLflow-Signature: v1,<base64>``, ``X-MLflow-Delivery-Id`` and ``X-MLflow-Timestamp``.
 A delivery with a missing or wrong signature, or older than ``max_age_s``, is rejected (401) and
 changes nothing. An accepted ``model_version_alias.created`` / ``model_version.created`` event for
-the watched model asks the watcher to poll now.
+the watched model asks the watcher to poll now (the watcher coalesces requests: a burst of them
+costs one poll). A delivery id seen before within the freshness window is answered "duplicate" and
+changes nothing. The body length is checked from the header before anything is read (at most
+64 KiB); a client has ``client_timeout_s`` to send its request; at most ``max_connections`` are
+served at once, and any beyond are closed unread.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ class WebhookReceiver:
         host: str = "127.0.0.1",
         port: int = 0,
         max_age_s: float = 300,
+        max_connections: int = 16,
+        client_timeout_s: float = 10,
     ):
         self.secret = secret
         self.model_name = model_name
@@ -69,10 +75,16 @@ class WebhookReceiver:
         self.max_age_s = max_age_s
         self.accepted = 0
         self.rejected = 0
+        self.duplicates = 0
+        self.refused_connections = 0
+        # delivery id -> when it may be forgotten: a replay inside the freshness window is
+        # recognised; after it, the stale check refuses the replay anyway
+        self._seen: dict[str, float] = {}
+        self._seen_lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            timeout = 10  # seconds a client may take to send its request
+            timeout = client_timeout_s  # seconds a client may take to send its request
 
             def do_POST(self) -> None:
                 try:
@@ -93,6 +105,9 @@ class WebhookReceiver:
                 except ValueError:
                     receiver.rejected += 1
                     return self._reply(400, {"error": "body is not JSON"})
+                if not receiver._first_delivery(self.headers["X-MLflow-Delivery-Id"]):
+                    receiver.duplicates += 1
+                    return self._reply(200, {"status": "duplicate"})
                 receiver.accepted += 1
                 key = (event.get("entity"), event.get("action"))
                 data = event.get("data") or {}
@@ -112,8 +127,18 @@ class WebhookReceiver:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("webhook %s", format % args)
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server = _BoundedServer((host, port), Handler, max_connections, self)
         self.thread = threading.Thread(target=self.server.serve_forever, name="streamscore-webhook", daemon=True)
+
+    def _first_delivery(self, delivery_id: str) -> bool:
+        now = time.time()
+        with self._seen_lock:
+            if len(self._seen) > 1024:
+                self._seen = {d: t for d, t in self._seen.items() if t > now}
+            if self._seen.get(delivery_id, 0) > now:
+                return False
+            self._seen[delivery_id] = now + 2 * self.max_age_s
+            return True
 
     @property
     def url(self) -> str:
@@ -127,3 +152,32 @@ class WebhookReceiver:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """At most ``max_connections`` connections are served at once (one thread each); a connection
+    beyond that is closed at once, unread."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type, max_connections: int, receiver: WebhookReceiver):
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._receiver = receiver
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._receiver.refused_connections += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()

@@ -151,6 +151,8 @@ def start_webhook(
         host=wh.host,
         port=wh.port,
         max_age_s=wh.max_age_s,
+        max_connections=wh.max_connections,
+        client_timeout_s=wh.client_timeout_s,
     ).start()
     ctx.on_close(receiver.stop)
     if wh.register_on_server:

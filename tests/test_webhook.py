@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
@@ -150,3 +151,65 @@ def test_a_stream_with_webhooks_swaps_on_a_delivery_and_removes_its_webhook(spar
         summary = stream.stop()
     assert [(sw["from_version"], sw["to_version"]) for sw in summary["swaps"]] == [(v1, v2)]
     assert not [h for h in client.list_webhooks() if h.name == f"streamscore-{s.app_id}"]  # deleted at stop
+
+
+def _signed(body: dict, delivery: str | None = None) -> tuple[str, dict]:
+    raw, delivery, ts = json.dumps(body), delivery or str(uuid.uuid4()), str(int(time.time()))
+    return raw, {
+        "X-MLflow-Delivery-Id": delivery,
+        "X-MLflow-Timestamp": ts,
+        "X-MLflow-Signature": sign(SECRET, delivery, ts, raw),
+    }
+
+
+def test_a_replayed_delivery_requests_one_poll_and_forged_ones_none(receiver):
+    raw, headers = _signed(EVENT)
+    first = requests.post(receiver.url, data=raw, headers=headers, timeout=10)
+    again = [requests.post(receiver.url, data=raw, headers=headers, timeout=10) for _ in range(5)]
+    assert first.json()["status"] == "poll requested"
+    assert {r.json()["status"] for r in again} == {"duplicate"} and receiver.duplicates == 5
+    for i in range(100):  # forged: signed with another secret, or a valid id with another body
+        _, h = _signed(EVENT)
+        forged = {**h, "X-MLflow-Signature": sign("guess", h["X-MLflow-Delivery-Id"], h["X-MLflow-Timestamp"], raw)}
+        resp = requests.post(receiver.url, data=raw if i % 2 else raw + " ", headers=forged, timeout=10)
+        assert resp.status_code == 401
+    assert len(receiver.events) == 1 and receiver.rejected == 100
+
+
+def _raw_request(url: str, head: bytes) -> socket.socket:
+    host, port = url.removeprefix("http://").rstrip("/").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(head)
+    return sock
+
+
+def test_an_oversized_body_is_refused_from_its_header_unread(receiver):
+    _, headers = _signed(EVENT)
+    lines = [f"{k}: {v}" for k, v in headers.items()] + ["Content-Length: 1073741824"]
+    sock = _raw_request(receiver.url, ("POST / HTTP/1.1\r\nHost: x\r\n" + "\r\n".join(lines) + "\r\n\r\n").encode())
+    started = time.monotonic()
+    answer = sock.recv(4096)  # answered without the client sending any of the 1 GiB
+    sock.close()
+    assert answer.startswith(b"HTTP/1.0 413") and time.monotonic() - started < 5
+    assert receiver.events == [] and receiver.rejected == 1
+
+
+def test_slow_clients_time_out_and_connections_beyond_the_bound_are_closed():
+    events = []
+    r = WebhookReceiver(SECRET, "m", lambda ev, ts: events.append(ev), max_connections=3, client_timeout_s=1.5)
+    r.start()
+    try:
+        slow = [_raw_request(r.url, b"POST / HTTP/1.1\r\nHost: x\r\n") for _ in range(3)]  # never finish
+        time.sleep(0.3)
+        extra = _raw_request(r.url, b"")
+        assert extra.recv(100) == b""  # closed at once: every slot is held
+        raw, headers = _signed(EVENT)
+        started = time.monotonic()
+        for sock in slow:
+            assert sock.recv(100) == b""  # each slow client is dropped after its timeout
+        assert 1.0 < time.monotonic() - started + 0.3 < 8
+        resp = requests.post(r.url, data=raw, headers=headers, timeout=10)  # slots free again
+        assert resp.json()["status"] == "poll requested" and len(events) == 1
+        assert r.refused_connections >= 1
+    finally:
+        r.stop()

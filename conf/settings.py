@@ -94,7 +94,7 @@ class SinkSettings(_Section):
     output_path: str = "tables/scored"
     dead_letter_path: str = "tables/dead_letter"
     checkpoint_path: str = "checkpoints/stream"
-    app_id: str | None = None
+    app_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # in Delta txn ids, names
 
 
 class TriggerSettings(_Section):

@@ -34,6 +34,7 @@ def _cli(*args: str, sets: dict | None = None) -> tuple[int, str, dict]:
         (["backfill", "--kafka", "--model-ref", "champion"], "model.ref"),
         (["model", "promote"], "--version is required"),
         (["stream", "--set", "trigger.max_batches=zero"], "trigger.max_batches"),
+        (["stream", "--set", "sink.app_id=x' OR 1=1"], "sink.app_id"),
     ],
 )
 def test_usage_and_configuration_errors_exit_2_with_a_summary(tmp_path, args, named):

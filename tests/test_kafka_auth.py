@@ -5,6 +5,8 @@ the job cannot be mirrored on the broker side), and the job must log in with it,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from streamscore.demo import ensure_topic, produce_events, train_and_register
@@ -63,3 +65,84 @@ def test_the_stream_logs_in_with_a_password_that_needs_quoting(spark, make_setti
     with pytest.raises(JobFailed) as info:
         run_stream(wrong)
     assert PASSWORD not in info.value.summary["error"]
+
+
+def test_no_secret_appears_in_anything_a_run_leaves(make_settings, sasl_broker, tmp_path):
+    """A real job (the command, in its own process) with every kind of secret configured, from the
+    environment and from files: the console, the log files, the tables and checkpoint, and both
+    tracking runs (params, tags, artifacts) are searched for each of them."""
+    import json
+    import os
+    import subprocess
+
+    from mlflow import MlflowClient
+
+    from tests.faultproxy import FaultProxy
+    from tests.helpers import stream_command
+
+    secrets = {
+        "kafka password": PASSWORD,
+        "kafka option": "opt-truststore-pw-5519",
+        "tracking token": "trk-token-8812",
+        "mirror token": "mirror-token-4471",
+        "webhook secret": "hook-secret-3390",
+        "azure client secret": "az-client-secret-2264",
+    }
+    s = make_settings()
+    train_and_register(s.model.name, "v1", alias="champion")
+    ensure_topic(sasl_broker.address, s.source.kafka.topic)
+    sent = produce_events(sasl_broker.address, s.source.kafka.topic, 90, malformed_every=30, prefix="leak")
+    (tmp_path / "token").write_text(secrets["tracking token"] + "\n")
+    env = {
+        **os.environ,
+        "STREAMSCORE_SOURCE__KAFKA__SASL_PASSWORD": PASSWORD,
+        "STREAMSCORE_SOURCE__KAFKA__OPTIONS": json.dumps({"kafka.ssl.truststore.password": secrets["kafka option"]}),
+        "STREAMSCORE_TRACKING__TOKEN_FILE": str(tmp_path / "token"),
+        "STREAMSCORE_TRACKING__MIRROR_TOKEN": secrets["mirror token"],
+        "STREAMSCORE_WATCH__WEBHOOK__SECRET": secrets["webhook secret"],
+        "AZURE_CLIENT_SECRET": secrets["azure client secret"],
+    }
+    home = tmp_path / "home"
+    mirror = FaultProxy(s.tracking.uri).start()  # a second target: the same server, its own run
+    try:
+        proc = subprocess.run(
+            stream_command(
+                s,
+                home,
+                "--available-now",
+                source__kafka__bootstrap_servers=sasl_broker.sasl_address,
+                source__kafka__sasl_username="alice",
+                source__kafka__security_protocol="SASL_PLAINTEXT",
+                source__kafka__sasl_mechanism="PLAIN",
+                tracking__mirror_uri=mirror.address,
+                watch__webhook__enabled="true",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+    finally:
+        mirror.stop()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["rows_scored"] == sent.valid and summary["mirror_run_id"]
+
+    left: dict[str, str] = {"stdout": proc.stdout, "stderr": proc.stderr}
+    for root in (home, tmp_path):  # log files, tables, checkpoint
+        for f in root.rglob("*"):
+            if f.is_file() and f.name != "token":
+                left[str(f)] = f.read_bytes().decode("utf-8", errors="replace")
+    client = MlflowClient(s.tracking.uri)
+    for run_id in (summary["run_id"], summary["mirror_run_id"]):
+        run = client.get_run(run_id)
+        left[f"{run_id} params"] = json.dumps(run.data.params)
+        left[f"{run_id} tags"] = json.dumps(run.data.tags)
+        for f in Path(client.download_artifacts(run_id, "", str(tmp_path.parent / f"art-{run_id}"))).rglob("*"):
+            if f.is_file():
+                left[f"{run_id} artifact {f.name}"] = f.read_text(errors="replace")
+        assert run.data.params["source.kafka.options.kafka.ssl.truststore.password"] == "**********"
+    assert any(name.endswith(".log") for name in left), "the run's log file was searched"
+    found = [(what, where) for what, secret in secrets.items() for where, text in left.items() if secret in text]
+    assert found == []
+    assert {auth for _, _, auth in mirror.seen} == {f"Bearer {secrets['mirror token']}"}

@@ -51,19 +51,12 @@ def kafka_artifacts() -> list[Artifact]:
     ]
 
 
-# Spark 4.1.1's Kafka connector throws a NullPointerException in its progress metrics when a
-# restarted query re-runs a batch that had not committed (SPARK-55271, fixed by 4.1.3). That is
-# exactly the crash-recovery path, so on 4.1.1 the patched connector of the same minor line is used.
-CONNECTOR_OVERRIDES = {"4.1.1": "4.1.3"}
-
-
 def spark_artifacts() -> list[Artifact]:
     import pyspark
 
     spark_version = pyspark.__version__
-    connector_version = os.environ.get("STREAMSCORE_KAFKA_CONNECTOR_VERSION") or CONNECTOR_OVERRIDES.get(
-        spark_version, spark_version
-    )
+    # the connector of the exact Spark version (4.1.3 has the SPARK-55271 fix the restart path needs)
+    connector_version = os.environ.get("STREAMSCORE_KAFKA_CONNECTOR_VERSION") or spark_version
     delta_version = metadata.version("delta-spark")
     spark_minor = ".".join(spark_version.split(".")[:2])
     token_provider = f"spark-token-provider-kafka-0-10_{SCALA_BINARY}"

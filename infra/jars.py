@@ -51,6 +51,12 @@ def kafka_artifacts() -> list[Artifact]:
     ]
 
 
+# Maven Central as reached from here serves spark-token-provider-kafka-0-10 (the connector's small
+# helper for Kafka delegation tokens) only up to 4.1.1 on the 4.1 line; the connector and Spark
+# itself are 4.1.3. The helper's classes are unchanged between these patch releases.
+TOKEN_PROVIDER_VERSIONS = {"4.1.2": "4.1.1", "4.1.3": "4.1.1"}
+
+
 def spark_artifacts() -> list[Artifact]:
     import pyspark
 
@@ -67,7 +73,7 @@ def spark_artifacts() -> list[Artifact]:
             connector_version,
             exclusions=(f"org.apache.spark:{token_provider}",),
         ),
-        Artifact("org.apache.spark", token_provider, spark_version),
+        Artifact("org.apache.spark", token_provider, TOKEN_PROVIDER_VERSIONS.get(spark_version, spark_version)),
         Artifact("io.delta", f"delta-spark_{spark_minor}_{SCALA_BINARY}", delta_version),
     ]
 

@@ -13,7 +13,7 @@ TYPECHECK := build/typecheck
 $(BIN)/streamscore: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[azure,databricks,dev]'
+	$(BIN)/pip install -q -e '.[spark,azure,databricks,dev]'
 	touch $(BIN)/streamscore
 
 setup: $(BIN)/streamscore  ## install Python deps into .venv and resolve the JVM jars once

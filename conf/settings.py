@@ -229,6 +229,38 @@ class WatchSettings(_Section):
         return v
 
 
+_SECRET_REF = re.compile(r"^\{\{secrets/[A-Za-z0-9._-]+/[A-Za-z0-9._-]+\}\}$")
+
+
+class DatabricksSettings(_Section):
+    """How ``streamscore submit`` / ``streamscore bundle`` build the Databricks jobs. Credentials
+    are never here: the Databricks SDK's own authentication (environment, ~/.databrickscfg profile,
+    Azure service principal / CLI) is used."""
+
+    wheel_dir: str = "/Volumes/main/streamscore/wheels"  # UC volume or /Workspace folder for the wheel
+    job_name_prefix: str = Field("streamscore", pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
+    spark_version: str = "18.0.x-scala2.13"  # Databricks Runtime 18: Spark 4.1, Delta and Kafka built in
+    node_type_id: str = "Standard_D4ds_v5"
+    num_workers: int = Field(1, ge=0)
+    policy_id: str | None = None
+    spark_conf: dict[str, str] = {}
+    # environment of the job's cluster: credentials only as {{secrets/<scope>/<key>}} references
+    env: dict[str, str] = {}
+    backfill_compute: Literal["job_cluster", "serverless"] = "job_cluster"
+    serverless_environment_version: str = "4"
+    poll_interval_s: float = Field(10, gt=0)  # --wait: how often the run's state is read
+
+    @field_validator("env", "spark_conf")
+    @classmethod
+    def _secret_refs_only(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if _CREDENTIAL_KEY.search(key) and not _SECRET_REF.match(value):
+                raise ValueError(
+                    f"{key}: a credential must be a {{{{secrets/<scope>/<key>}}}} reference, not a literal value"
+                )
+        return v
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         extra="forbid", frozen=True, env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False
@@ -243,6 +275,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     tracking: TrackingSettings = TrackingSettings()
     watch: WatchSettings = WatchSettings()
+    databricks: DatabricksSettings = DatabricksSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -7,12 +7,14 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from streamscore.errors import UsageError
-from streamscore.jobs import backfill, bench, demo, models, produce, services, stream
+from streamscore.jobs import backfill, bench, bundle, demo, models, produce, services, stream, submit
 from streamscore.jobs.common import ArgumentParser, emit
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "stream": (stream, "continuous scoring of a Kafka topic or Delta table into Delta"),
     "backfill": (backfill, "score a bounded Delta table or Kafka range with the same pipeline, idempotently"),
+    "submit": (submit, "run stream or backfill on Databricks with the project's wheel (databricks-sdk)"),
+    "bundle": (bundle, "write the Databricks Asset Bundle's job resources from the same definition as submit"),
     "demo": (demo, "local services + demo model + stream with a live model swap"),
     "services": (services, "start/stop/status of the local Kafka broker and MLflow server; resolve the jars"),
     "produce": (produce, "send demo events to Kafka"),

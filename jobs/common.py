@@ -67,6 +67,14 @@ def prepare(args: argparse.Namespace, command: str, extra: list[str] | None = No
     return settings
 
 
+def prepare_remote(args: argparse.Namespace, command: str) -> Settings:
+    """Settings of a job that runs elsewhere (``submit``, ``bundle``): their ``app.home`` is the
+    remote one, so this command logs to the console only."""
+    settings = load_settings(args.profile, args.config, list(args.overrides))
+    setup_logging(settings.app.log_level, verbose=args.verbose, home=None, command=command)
+    return settings
+
+
 def emit(summary: Summary) -> None:
     """The command's last stdout line: one JSON object."""
     sys.stdout.flush()

@@ -29,6 +29,7 @@ class FaultProxy:
         self.held = 0  # requests left unanswered so far
         self.passed = 0
         self.seen: list[tuple[str, str, str | None]] = []  # (method, path, Authorization header)
+        self.refuse: dict[str, int] = {}  # path part -> status answered instead of passing through
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -42,6 +43,15 @@ class FaultProxy:
                 body = self.rfile.read(length) if length > 0 else None
                 with proxy._lock:
                     proxy.seen.append((self.command, self.path, self.headers.get("Authorization")))
+                refused = next((code for part, code in proxy.refuse.items() if part in self.path), None)
+                if refused is not None:  # an API this server does not have
+                    data = b'{"error_code": "ENDPOINT_NOT_FOUND", "message": "not implemented here"}'
+                    self.send_response(refused)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 if proxy._should_hang(self.path):
                     with proxy._lock:
                         proxy.held += 1

@@ -254,3 +254,33 @@ def test_credential_variables_do_not_reach_the_spark_jvm_or_its_python_workers(h
     assert seen["worker"]["PATH"]  # the probe reads the worker's real environment
     assert seen["worker"]["DATABRICKS_TOKEN"] is None and seen["worker"]["AZURE_CLIENT_SECRET"] is None
     assert seen["driver"] == "dapi-worker-probe"  # the driver's own clients still have it
+
+
+@pytest.mark.integration
+def test_a_tracking_server_without_the_logged_models_api_gets_everything_a_job_logs(spark, make_settings, tmp_path):
+    """Azure ML's MLflow server answers 404 on MLflow 3's logged-models API; params, metrics, tags
+    and artifacts work. A real MLflow server behind a proxy that answers like that: the stream logs
+    all it logs, and never calls the missing API."""
+    from tests.faultproxy import FaultProxy
+
+    s0 = make_settings()
+    proxy = FaultProxy(s0.tracking.uri).start()
+    proxy.refuse["/logged-models"] = 404
+    try:
+        s = make_settings(s0.model.name, trigger={"available_now": True}, tracking={"uri": proxy.address})
+        train_and_register(s.model.name, "v1", alias="champion")  # the uploader's side, not the job's
+        proxy.seen.clear()
+        k = s.source.kafka
+        ensure_topic(k.bootstrap_servers, k.topic)
+        produce_events(k.bootstrap_servers, k.topic, 60, malformed_every=20, prefix="aml")
+        summary = run_stream(s)
+    finally:
+        proxy.stop()
+    assert summary["status"] == "FINISHED" and summary["rows_scored"] == 57
+    assert [p for _, p, _ in proxy.seen if "logged-models" in p] == []
+    client = MlflowClient(s0.tracking.uri)
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["model.name"] == s.model.name
+    assert run.data.metrics["rows_scored"] == 57
+    with open(client.download_artifacts(summary["run_id"], "summary.json", str(tmp_path))) as f:
+        assert json.load(f)["rows_scored"] == 57

@@ -406,8 +406,19 @@ def parse_overrides(pairs: list[str]) -> dict:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+        node[parts[-1]] = _override_value(raw)
     return out
+
+
+def _override_value(raw: str) -> Any:
+    """A ``--set`` value parsed as YAML (numbers, booleans, lists, maps), or the text itself when it
+    is not YAML (e.g. a ``{{secrets/scope/key}}`` reference)."""
+    if raw == "":
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def _format_errors(err: ValidationError) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from streamscore.conf.settings import Settings
 from streamscore.errors import JobStatus, StreamscoreError
 from streamscore.jobs.common import ArgumentParser, Summary, add_settings_args, prepare_remote, run_command
 
@@ -18,7 +19,7 @@ HEADER = "# Written by `streamscore bundle` from the settings (profile databrick
 BACKFILL_DEFAULT_ARGS = ("--kafka",)  # override per run: databricks bundle run ... --python-params
 
 
-def render(settings_profile: str, settings) -> str:  # type: ignore[no-untyped-def]
+def render(settings_profile: str, settings: Settings) -> str:
     from streamscore import databricks as db
 
     resources = {}

@@ -65,7 +65,7 @@ class JobSpec:
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:
             raise UsageError(f"submit: the command must be one of {', '.join(COMMANDS)}, not {self.command!r}")
-        for item in self.overrides:
+        for item in self.job_overrides():
             key = item.split("=", 1)[0]
             if _CREDENTIAL_KEY.search(key):
                 raise UsageError(
@@ -74,8 +74,13 @@ class JobSpec:
                     f"databricks.env.STREAMSCORE_{key.upper().replace('.', '__')}={{{{secrets/<scope>/<key>}}}}"
                 )
 
+    def job_overrides(self) -> list[str]:
+        """The ``--set`` options the job runs with: all but ``databricks.*``, which shape the job
+        itself (cluster, environment, wheel folder) and are used here."""
+        return [item for item in self.overrides if not item.strip().startswith("databricks.")]
+
     def parameters(self) -> list[str]:
-        sets = [x for item in self.overrides for x in ("--set", item)]
+        sets = [x for item in self.job_overrides() for x in ("--set", item)]
         return [self.command, "--profile", self.profile, *sets, *self.job_args]
 
 

@@ -130,6 +130,7 @@ def test_the_exact_command_line_of_a_databricks_job_scores_rows_from_the_clean_v
         "model.name": s.model.name,
     }
     sets = [x for key, value in local.items() for x in ("--set", f"{key}={value}")]
+    capsys.readouterr()  # what training printed
     code = submit.main(
         ["stream", "--once", "--dry-run", "--profile", "local", "--wheel", str(wheel), *sets, "--", "--available-now"]
     )

@@ -31,15 +31,13 @@ def render(settings_profile: str, settings: Settings) -> str:
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or ArgumentParser(prog="streamscore bundle", description=__doc__)
-    add_settings_args(p)
+    add_settings_args(p, default_profile="databricks")
     p.add_argument("--root", type=Path, default=Path("."), help="the bundle's root folder (default .)")
     p.add_argument("--check", action="store_true", help="fail if the written file differs from a fresh render")
-    p.set_defaults(profile=p.get_default("profile") or "databricks")
     return p
 
 
 def _run(args: argparse.Namespace) -> Summary:
-    args.profile = args.profile or "databricks"
     settings = prepare_remote(args, "bundle")
     text = render(args.profile, settings)
     path = args.root / RESOURCE_FILE

@@ -33,17 +33,21 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def add_settings_args(p: argparse.ArgumentParser) -> None:
+def add_settings_args(p: argparse.ArgumentParser, default_profile: str = "local", config_file: bool = True) -> None:
+    """``--profile``, ``--config`` (unless ``config_file`` is false), ``--set`` and ``--verbose``."""
     p.add_argument(
         "--profile",
-        default=os.environ.get("STREAMSCORE_PROFILE"),
-        help="conf/profiles/<name>.yaml (env STREAMSCORE_PROFILE; default local)",
+        default=os.environ.get("STREAMSCORE_PROFILE") or default_profile,
+        help=f"conf/profiles/<name>.yaml (env STREAMSCORE_PROFILE; default {default_profile})",
     )
-    p.add_argument(
-        "--config",
-        default=os.environ.get("STREAMSCORE_CONFIG"),
-        help="extra YAML file layered over the profile (env STREAMSCORE_CONFIG)",
-    )
+    if config_file:
+        p.add_argument(
+            "--config",
+            default=os.environ.get("STREAMSCORE_CONFIG"),
+            help="extra YAML file layered over the profile (env STREAMSCORE_CONFIG)",
+        )
+    else:
+        p.set_defaults(config=None)
     p.add_argument(
         "--set",
         dest="overrides",

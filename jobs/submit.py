@@ -13,37 +13,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from streamscore.errors import JobStatus
-from streamscore.jobs.common import ArgumentParser, Summary, prepare_remote, run_command
+from streamscore.jobs.common import ArgumentParser, Summary, add_settings_args, prepare_remote, run_command
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or ArgumentParser(prog="streamscore submit", description=__doc__)
     p.add_argument("command", choices=["stream", "backfill"], help="the job to run on Databricks")
-    p.add_argument(
-        "--profile",
-        default=os.environ.get("STREAMSCORE_PROFILE") or "databricks",
-        help="settings profile, here and in the job (default databricks)",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a setting, here and in the job (repeatable); credentials only as databricks.env secret references",
-    )
+    # the job gets the same profile and --set options (no --config: the file would not be there)
+    add_settings_args(p, default_profile="databricks", config_file=False)
     p.add_argument("--once", action="store_true", help="a one-time run (jobs/runs/submit) instead of a named job")
     p.add_argument("--wait", action="store_true", help="follow the run until it ends")
     p.add_argument("--timeout", type=float, help="--wait: give up following after this many seconds")
     p.add_argument("--dry-run", action="store_true", help="print the requests, send nothing")
     p.add_argument("--wheel", type=Path, help="the project's wheel (default: built from this checkout)")
-    p.add_argument("-v", "--verbose", action="store_true", help="all logs on the console")
-    p.set_defaults(config=None, job_args=[])
+    p.set_defaults(job_args=[])
     return p
 
 

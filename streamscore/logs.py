@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 PROJECT_LOGGER = "streamscore"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -45,7 +46,7 @@ def setup_logging(
         if getattr(h, "_streamscore", False):
             root.removeHandler(h)
             h.close()
-    console = logging.StreamHandler(sys.stderr)
+    console = _Console()
     console.setFormatter(logging.Formatter(_FORMAT))
     console.setLevel(level if not verbose else logging.DEBUG)
     _mark(console)
@@ -78,7 +79,9 @@ def quiet_mlflow() -> None:
         return
     from mlflow.utils import logging_utils
 
-    prints = logging.getLogger("mlflow.prints")
+    # not under "mlflow": a handler MLflow installed on its own logger (when it was imported before
+    # logging was set up) writes to the very stream patched here, which would loop
+    prints = logging.getLogger("mlflow_prints")
 
     def write(text: str) -> None:
         if text.strip():
@@ -86,6 +89,22 @@ def quiet_mlflow() -> None:
 
     logging_utils.MLFLOW_LOGGING_STREAM.write = write  # type: ignore[method-assign]
     logging_utils.MLFLOW_LOGGING_STREAM.flush = lambda: None  # type: ignore[method-assign]
+
+
+class _Console(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (a caller may have replaced it
+    since, e.g. a test harness capturing output), never to a stream closed meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 def _mark(handler: logging.Handler) -> None:

@@ -4,6 +4,7 @@ the Kafka connector and Delta), all on free loopback ports under a temporary sta
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import subprocess
 import sys
@@ -69,7 +70,18 @@ def isolated_state(monkeypatch):
         if name in _SETTINGS_VARIABLES or (name.startswith("STREAMSCORE_") and "__" in name):
             monkeypatch.delenv(name)
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    from streamscore import logs
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level  # a command run in-process sets up its logging
+    quiet, log_file = logs._quiet, logs._log_file
     yield
+    logs._quiet, logs._log_file = quiet, log_file
+    for h in set(root.handlers) - set(handlers):
+        root.removeHandler(h)
+        h.close()
+    root.setLevel(level)
+    logging.captureWarnings(False)
     from streamscore import credentials
 
     credentials.clear()

@@ -17,7 +17,6 @@ a backfill (one entry point, :meth:`ValidationGate.admit`).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from streamscore.deadline import run_within
 from streamscore.errors import GateRefused, RegistryError, SignatureError
 from streamscore.registry_watch.policy import LoadingPolicy
 from streamscore.registry_watch.resolve import ModelRef, materialize, resolve_version
@@ -147,26 +147,19 @@ class ValidationGate:
         """:func:`materialize` within ``download_timeout_s``. Download trouble is the registry's or the
         storage's, not the version's: it raises :class:`RegistryError` (tried again later). An
         abandoned download finishes or fails in the background; it never replaces a finished copy."""
-        outcome: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                outcome["handle"] = materialize(self.client, mv, self.models_dir, self.spark)
-            except BaseException as e:  # noqa: BLE001 - handed to the calling thread
-                outcome["error"] = e
-
-        worker = threading.Thread(target=run, name="streamscore-download", daemon=True)
-        worker.start()
-        worker.join(self.download_timeout_s)
-        if worker.is_alive():
+        outcome = run_within(
+            lambda: materialize(self.client, mv, self.models_dir, self.spark),
+            self.download_timeout_s,
+            "streamscore-download",
+        )
+        if not outcome.finished:
             raise RegistryError(
                 f"{label}: download took longer than watch.download_timeout_s ({self.download_timeout_s:g}s)"
             )
-        if "error" in outcome:
-            e = outcome["error"]
+        if outcome.error is not None:
+            e = outcome.error
             raise RegistryError(f"{label}: download failed: {type(e).__name__}: {e}") from e
-        handle: ModelHandle = outcome["handle"]
-        return handle
+        return outcome.result()
 
     def _check_policy(self, mv: ModelVersion) -> None:
         if not self.required_tag:
@@ -202,27 +195,19 @@ class ValidationGate:
         assert self.spark is not None
         sc = self.spark.sparkContext
         group = f"streamscore-gate-{self.model_name}-v{version}-{uuid.uuid4().hex[:8]}"
-        outcome: dict[str, Any] = {}
 
-        def run() -> None:
+        def collect() -> list[Any]:
             sc.setJobGroup(group, f"streamscore validation gate: version {version}", interruptOnCancel=True)
-            try:
-                outcome["rows"] = df.collect()
-            except BaseException as e:  # noqa: BLE001 - handed to the calling thread
-                outcome["error"] = e
+            return list(df.collect())
 
-        worker = threading.Thread(target=run, name="streamscore-gate", daemon=True)
-        worker.start()
-        worker.join(self.timeout_s)
-        if worker.is_alive():
+        outcome = run_within(collect, self.timeout_s, "streamscore-gate")
+        if not outcome.finished:
             sc.cancelJobGroup(group)
-            worker.join(60)
+            outcome.wait_more(60)  # the cancelled tasks wind down before the gate moves on
             raise GateRefused(
                 version, f"scoring the sample took longer than watch.gate_timeout_s ({self.timeout_s:g}s)"
             )
-        if "error" in outcome:
-            raise outcome["error"]
-        return list(outcome["rows"])
+        return outcome.result()
 
     def _score_sample(self, handle: ModelHandle, spec: InputSpec, sample: list[str], version: str) -> None:
         if self.spark is None:

@@ -118,38 +118,30 @@ def check_tracking(settings: Settings) -> None:
 
 def check_model(settings: Settings) -> None:
     """``model.ref`` resolves, within the pre-flight limit (the client's own retries included)."""
-    import threading
-
     from mlflow import MlflowClient
 
+    from streamscore.deadline import run_within
     from streamscore.registry_watch.resolve import ModelRef, resolve_version
 
     m, timeout = settings.model, settings.app.preflight_timeout_s
     registry = settings.tracking.effective_registry_uri()
     ref = ModelRef.parse(m.ref)
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["version"] = resolve_version(MlflowClient(registry_uri=registry), m.name, ref).version
-        except BaseException as e:  # noqa: BLE001 - handed to the calling thread
-            outcome["error"] = e
-
-    worker = threading.Thread(target=run, name="streamscore-preflight-registry", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
+    outcome = run_within(
+        lambda: resolve_version(MlflowClient(registry_uri=registry), m.name, ref).version,
+        timeout,
+        "streamscore-preflight-registry",
+    )
+    if not outcome.finished:
         raise ModelUnavailable(
             f"model registry at {registry} did not resolve {m.name!r} {ref} within {timeout:g}s; "
             "check tracking.registry_uri / tracking.uri (or raise app.preflight_timeout_s)"
         )
-    if "error" in outcome:
-        e = outcome["error"]
+    if outcome.error is not None:
         raise ModelUnavailable(
-            f"model {m.name!r} {ref} does not resolve at {registry}: {e}; register a version (and set the "
-            "alias), or fix model.name / model.ref"
+            f"model {m.name!r} {ref} does not resolve at {registry}: {outcome.error}; register a version (and "
+            "set the alias), or fix model.name / model.ref"
         ) from None
-    log.info("pre-flight: %s %s is version %s", m.name, ref, outcome["version"])
+    log.info("pre-flight: %s %s is version %s", m.name, ref, outcome.value)
 
 
 def check_writable(settings: Settings, paths: list[str]) -> None:

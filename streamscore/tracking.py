@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from streamscore.deadline import run_within
 from streamscore.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -178,13 +179,12 @@ class RunTracker:
         run_id = self.run_id
         self._stopping.set()
         self._wake.set()
-        closed = threading.Event()
 
-        def close() -> None:
+        def close() -> bool:
             if self._sender is not None:
                 self._sender.join()
             if not self.flush():
-                return
+                return False
             if summary is not None:
                 try:
                     self.client.log_text(run_id, json.dumps(summary, indent=2, default=str), "summary.json")
@@ -194,13 +194,12 @@ class RunTracker:
                 self.client.set_terminated(run_id, status=status)
             except Exception as e:  # noqa: BLE001
                 log.warning("could not close MLflow run %s (%s): %s", run_id, status, e)
-                return
-            closed.set()
+                return False
+            return True
 
-        closer = threading.Thread(target=close, name="streamscore-run-close", daemon=True)
-        closer.start()
-        closer.join(timeout_s)
-        if not closed.is_set():
+        outcome = run_within(close, timeout_s, "streamscore-run-close")
+        closed = outcome.finished and outcome.value is True
+        if not outcome.finished:
             log.warning(
                 "tracking server %s did not take the end of run %s within tracking.close_timeout_s (%gs): "
                 "the run keeps what it received and may stay RUNNING (%d metrics not sent)",
@@ -209,7 +208,7 @@ class RunTracker:
                 timeout_s,
                 self.buffered,
             )
-        return closed.is_set()
+        return closed
 
     # -- metrics -----------------------------------------------------------------------------------
     def log_metrics(self, metrics: Mapping[str, float | None], step: int) -> None:

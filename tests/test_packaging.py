@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,24 @@ def wheel(tmp_path_factory) -> Path:
     from streamscore.databricks import build_wheel
 
     return build_wheel(tmp_path_factory.mktemp("dist"))
+
+
+def test_the_wheel_holds_one_import_package_with_its_settings_files(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"streamscore"}
+    for module in (
+        "jobs/cli.py",
+        "jobs/submit.py",
+        "scoring/udf.py",
+        "registry_watch/watcher.py",
+        "conf/settings.py",
+        "infra/services.py",
+        "lifecycle.py",
+        "databricks.py",
+        "errors.py",
+    ):
+        assert f"streamscore/{module}" in names
+    assert {"streamscore/conf/defaults.yaml", "streamscore/conf/profiles/databricks.yaml"} <= set(names)
 
 
 @pytest.fixture(scope="module")

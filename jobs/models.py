@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from streamscore.errors import UsageError
+from streamscore.errors import ConfigError, UsageError
 from streamscore.jobs.common import ArgumentParser, Summary, add_settings_args, prepare, run_command
 
 
@@ -26,7 +26,14 @@ def _run(args: argparse.Namespace) -> Summary:
     if args.action == "promote" and not args.version:
         raise UsageError("streamscore model promote: --version is required")
     s = prepare(args, "model")
-    configure_mlflow(s)
+    tracking_uri, _ = configure_mlflow(s)
+    if args.action == "register-demo" and tracking_uri.startswith("azureml://"):
+        raise ConfigError(
+            "tracking.uri: register-demo logs the model through MLflow 3's logged-models API, which Azure "
+            "ML's MLflow server does not implement; register it where that API exists (e.g. --set "
+            "tracking.uri=databricks --set tracking.registry_uri=databricks-uc, or any MLflow 3 server). "
+            "The stream and backfill jobs track to Azure ML without it."
+        )
     if args.action == "register-demo":
         v = train_and_register(s.model.name, args.variant, args.alias or None)
         return {

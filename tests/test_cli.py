@@ -35,6 +35,11 @@ def _cli(*args: str, sets: dict | None = None) -> tuple[int, str, dict]:
         (["model", "promote"], "--version is required"),
         (["stream", "--set", "trigger.max_batches=zero"], "trigger.max_batches"),
         (["stream", "--set", "sink.app_id=x' OR 1=1"], "sink.app_id"),
+        (
+            ["model", "register-demo", "--profile", "azure"]
+            + [f"--set=tracking.azure.{k}=x" for k in ("subscription_id", "resource_group", "workspace", "region")],
+            "logged-models API",
+        ),
     ],
 )
 def test_usage_and_configuration_errors_exit_2_with_a_summary(tmp_path, args, named):

@@ -35,7 +35,7 @@ CONF_DIR = Path(__file__).resolve().parent
 ENV_PREFIX = "STREAMSCORE_"
 MASK = "**********"
 # option keys whose values are (or may hold) credentials
-_CREDENTIAL_KEY = re.compile(r"pass|secret|token|jaas|sasl|credential|key|auth", re.IGNORECASE)
+CREDENTIAL_KEY = re.compile(r"pass|secret|token|jaas|sasl|credential|key|auth", re.IGNORECASE)
 
 
 class _Section(BaseModel):
@@ -254,7 +254,7 @@ class DatabricksSettings(_Section):
     @classmethod
     def _secret_refs_only(cls, v: dict[str, str]) -> dict[str, str]:
         for key, value in v.items():
-            if _CREDENTIAL_KEY.search(key) and not _SECRET_REF.match(value):
+            if CREDENTIAL_KEY.search(key) and not _SECRET_REF.match(value):
                 raise ValueError(
                     f"{key}: a credential must be a {{{{secrets/<scope>/<key>}}}} reference, not a literal value"
                 )
@@ -333,7 +333,7 @@ class Settings(BaseSettings):
         out = self.model_dump(mode="json")
         for options in (out["source"]["kafka"]["options"], out["spark"]["conf"]):
             for key in options:
-                if _CREDENTIAL_KEY.search(key):
+                if CREDENTIAL_KEY.search(key):
                     options[key] = MASK
         return out
 

@@ -29,6 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from streamscore.conf.settings import CREDENTIAL_KEY
 from streamscore.errors import ConfigError, StreamscoreError, UsageError
 
 if TYPE_CHECKING:
@@ -46,7 +47,6 @@ CLUSTER_KEY = "main"
 ENVIRONMENT_KEY = "default"
 BUNDLE_WHEEL = "../dist/*.whl"  # the bundle's own build of the wheel, relative to resources/
 TERMINAL = {"TERMINATED", "SKIPPED", "INTERNAL_ERROR"}
-_CREDENTIAL_KEY = re.compile(r"pass|secret|token|jaas|sasl|credential|key|auth", re.IGNORECASE)
 
 
 class WorkspaceError(StreamscoreError):
@@ -67,7 +67,7 @@ class JobSpec:
             raise UsageError(f"submit: the command must be one of {', '.join(COMMANDS)}, not {self.command!r}")
         for item in self.job_overrides():
             key = item.split("=", 1)[0]
-            if _CREDENTIAL_KEY.search(key):
+            if CREDENTIAL_KEY.search(key):
                 raise UsageError(
                     f"submit: --set {key}=... would put a credential into the job's definition; give it to "
                     f"the job cluster as a secret reference instead: --set "

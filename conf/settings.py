@@ -61,7 +61,7 @@ class KafkaSource(_Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     topic: str = "streamscore-events"
     starting_offsets: str = "earliest"
-    max_offsets_per_trigger: int | None = Field(50000, ge=1)
+    max_offsets_per_trigger: int | None = Field(200_000, ge=1)
     fail_on_data_loss: bool = True
     options: dict[str, str] = {}
     sasl_username: str | None = None
@@ -95,10 +95,11 @@ class SinkSettings(_Section):
     dead_letter_path: str = "tables/dead_letter"
     checkpoint_path: str = "checkpoints/stream"
     app_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # in Delta txn ids, names
+    warm_snapshots: bool = True  # read the tables' Delta state between batches, not inside each write
 
 
 class TriggerSettings(_Section):
-    processing_time: str | None = "5 seconds"
+    processing_time: str | None = "500 milliseconds"
     available_now: bool = False
     max_batches: int | None = Field(None, ge=1)
     idle_timeout_s: float | None = Field(None, gt=0)

@@ -130,7 +130,9 @@ class ValidationGate:
         sample = self._sample(model, serving_spec)
         if not sample:
             raise GateRefused(version, "no sample to score: no recent input and no input example logged with the model")
-        self._score_sample(handle, serving_spec, sample, version)
+        # the stream's first version: no batch runs yet, so every core scores the sample, which also
+        # starts and warms each Python worker (imports, model load) before the first batch needs it
+        self._score_sample(handle, serving_spec, sample, version, all_cores=stream_spec is None)
         return GateResult(handle, serving_spec, len(sample), time.time() - t0)
 
     @staticmethod
@@ -209,7 +211,10 @@ class ValidationGate:
             )
         return outcome.result()
 
-    def _score_sample(self, handle: ModelHandle, spec: InputSpec, sample: list[str], version: str) -> None:
+    def _score_sample(
+        self, handle: ModelHandle, spec: InputSpec, sample: list[str], version: str, all_cores: bool = False
+    ) -> None:
+        n = len(sample)
         if self.spark is None:
             import pandas as pd
 
@@ -220,12 +225,14 @@ class ValidationGate:
         else:
             from streamscore.scoring.transform import as_events, score
 
+            cores = self.spark.sparkContext.defaultParallelism
+            if all_cores:  # a local frame is split over the cores: at least one row each
+                sample = sample * -(-cores // len(sample))
             df = as_events(self.spark.createDataFrame([(s,) for s in sample], "value string"), "validation-gate")
-            parts = max(1, min(self.partitions, len(sample)))
+            if not all_cores:
+                df = df.repartition(max(1, min(self.partitions, len(sample))))
             try:
-                rows = self._collect_within_limit(
-                    score(df.repartition(parts), handle, spec, -1).select("ok", "reason"), version
-                )
+                rows = self._collect_within_limit(score(df, handle, spec, -1).select("ok", "reason"), version)
             except GateRefused:
                 raise
             except Exception as e:  # e.g. the model kills its Python worker
@@ -233,4 +240,4 @@ class ValidationGate:
                 raise GateRefused(version, f"scoring the sample failed: {type(e).__name__}: {first[:500]}") from e
             reasons = [r.reason for r in rows if not r.ok]
         if reasons:
-            raise GateRefused(version, f"scoring the {len(sample)}-row sample failed: {reasons[0]}")
+            raise GateRefused(version, f"scoring the {n}-row sample failed: {reasons[0]}")

@@ -11,6 +11,8 @@ Sinks write a frame of one micro-batch (or backfill chunk) to a Delta table:
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any, Protocol
 
 from pyspark.sql import DataFrame, SparkSession
@@ -20,6 +22,8 @@ from pyspark.sql.types import StructType
 from streamscore.errors import SinkError
 from streamscore.scoring.schema import VALUE
 from streamscore.scoring.transform import as_events
+
+log = logging.getLogger(__name__)
 
 
 def kafka_options(kafka: Any) -> dict[str, str]:
@@ -188,11 +192,67 @@ def ensure_delta_table(spark: SparkSession, path: str, schema: StructType, write
         )
 
 
+class SnapshotWarmer:
+    """Reads the Delta tables' state ahead of the next write, in a background thread.
+
+    An idempotent append (``txnAppId``) asks Delta for the app id's last batch, which Delta 4.4
+    answers by reconstructing the table's state from its log: three Spark jobs, most of a small
+    batch's time. Delta keeps that state with the table's latest snapshot, so computing it right
+    after a commit (while the stream waits for its next trigger, or while it scores) leaves the
+    next write nothing to reconstruct. Uses Delta's JVM classes; where they are not available (or
+    differ, e.g. on another Delta build) it turns itself off after logging why, and writes simply
+    pay the cost inline as before."""
+
+    def __init__(self, spark: SparkSession, paths: list[str], enabled: bool = True):
+        self.spark = spark
+        self.paths = paths
+        self.enabled = enabled
+        self._wanted = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def request(self) -> None:
+        """Warm every table once more (requests made while a warm-up runs are merged)."""
+        if not self.enabled:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="streamscore-delta-warmer", daemon=True)
+            self._thread.start()
+        self._wanted.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wanted.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def warm(self) -> None:
+        jvm: Any = self.spark._jvm
+        delta_log = jvm.org.apache.spark.sql.delta.DeltaLog
+        for path in self.paths:
+            delta_log.forTable(self.spark._jsparkSession, path).unsafeVolatileSnapshot().transactions()
+
+    def _loop(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._stopped.is_set():
+                return
+            try:
+                self.warm()
+            except Exception as e:  # noqa: BLE001 - an optimisation only: writes still work without it
+                if self._stopped.is_set():
+                    return
+                log.info("Delta snapshot warm-up turned off (%s: %s)", type(e).__name__, str(e)[:300])
+                self.enabled = False
+                return
+
+
 class Sink(Protocol):
     path: str
 
-    def write(self, df: DataFrame, batch_id: int, rows: int) -> None:
-        """Write ``df`` (``rows`` rows) as batch/chunk ``batch_id``."""
+    def write(self, df: DataFrame, batch_id: int, rows: int | None) -> None:
+        """Write ``df`` (``rows`` rows, None: not counted yet) as batch/chunk ``batch_id``."""
 
 
 class IdempotentAppend:
@@ -201,7 +261,9 @@ class IdempotentAppend:
 
     The app id must be unique per checkpoint *incarnation*: a new checkpoint restarts batch ids at
     0, and with a reused app id Delta would skip every one of its writes as already done. The stream
-    binds it once its query has started (see :func:`streamscore.streaming.delta_app_id`)."""
+    binds it once its query has started (see :func:`streamscore.streaming.delta_app_id`). A frame
+    not counted yet (``rows`` None) is written even when empty: the commit records the batch as
+    done all the same."""
 
     def __init__(self, path: str, app_id: str | None = None):
         self.path = path
@@ -210,7 +272,7 @@ class IdempotentAppend:
     def bind(self, app_id: str) -> None:
         self.app_id = app_id
 
-    def write(self, df: DataFrame, batch_id: int, rows: int) -> None:
+    def write(self, df: DataFrame, batch_id: int, rows: int | None) -> None:
         if self.app_id is None:
             raise RuntimeError(f"no Delta app id bound for {self.path}")
         if rows == 0:
@@ -234,7 +296,7 @@ class SliceWriter:
         self.value = value
         self._replaced = False
 
-    def write(self, df: DataFrame, batch_id: int, rows: int) -> None:
+    def write(self, df: DataFrame, batch_id: int, rows: int | None) -> None:
         if rows == 0 and self._replaced:
             return
         w = df.withColumn(self.column, F.lit(self.value)).write.format("delta")

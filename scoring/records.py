@@ -18,6 +18,7 @@ from streamscore.scoring.spec import InputSpec
 
 _NUMPY = {"double": "float64", "float": "float32", "long": "int64", "integer": "int32", "boolean": "bool"}
 _MAX_EPOCH_MS = 9.2e12
+_EXACT = {"double": float, "float": float, "string": str}
 _INT_RANGE = {"long": (-(2**63), 2**63 - 1), "integer": (-(2**31), 2**31 - 1)}
 
 
@@ -61,6 +62,9 @@ def parse_chunk(
     cols = {f.name: [None] * n for f in spec.features}
     id_f, time_f = spec.event_id_field, spec.event_time_field
     feats = spec.features
+    # values of exactly this type need no conversion (a finite float for a double, a str for a
+    # string); anything else goes through _check
+    exact_types = [_EXACT.get(f.type) for f in feats]
     loads = orjson.loads
     max_bytes = spec.max_message_bytes
     for i, raw in enumerate(values):
@@ -95,8 +99,11 @@ def parse_chunk(
             continue
         problem = None
         row: list[Any] = []
-        for f in feats:
+        for f, exact in zip(feats, exact_types, strict=True):
             v = obj.get(f.name)
+            if type(v) is exact and (exact is not float or v - v == 0.0):  # the common case, inline
+                row.append(v)
+                continue
             if v is None:
                 if f.required:
                     problem = f"missing required field {f.name!r}"

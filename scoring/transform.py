@@ -17,16 +17,19 @@ from streamscore.scoring.udf import ModelHandle, make_score_udf
 COORDINATES = schema.names(schema.COORDINATES)
 
 
-def score(events: DataFrame, handle: ModelHandle, spec: InputSpec, batch_id: int) -> DataFrame:
-    """Every input row comes out once: ``ok`` rows carry features + prediction, others ``reason``."""
+def score(
+    events: DataFrame, handle: ModelHandle, spec: InputSpec, batch_id: int, keep_valid_raw: bool = True
+) -> DataFrame:
+    """Every input row comes out once: ``ok`` rows carry features + prediction, others ``reason``.
+
+    ``raw_value`` (the payload as text) is what the dead-letter table keeps; for valid rows it is
+    kept only with ``keep_valid_raw`` (a sample for the gate, a comparison of versions), so a
+    batch does not carry every payload a second time for nothing."""
     udf = make_score_udf(handle, spec)
-    scored = events.select(
-        udf(F.col(schema.VALUE)).alias("r"),
-        # the payload as text for the dead-letter table; bytes that are not UTF-8 become U+FFFD so
-        # every reader can read the table (the row's reason says the payload was not valid UTF-8)
-        F.expr(f"make_valid_utf8(CAST({schema.VALUE} AS STRING))").alias("raw_value"),
-        *COORDINATES,
-    )
+    scored = events.select(udf(F.col(schema.VALUE)).alias("r"), schema.VALUE, *COORDINATES)
+    # the payload as text; bytes that are not UTF-8 become U+FFFD so every reader can read the
+    # dead-letter table (the row's reason says the payload was not valid UTF-8)
+    raw = F.expr(f"make_valid_utf8(CAST({schema.VALUE} AS STRING))")
     lineage = {
         "model_name": F.lit(handle.name),
         "model_version": F.lit(handle.version),
@@ -34,7 +37,12 @@ def score(events: DataFrame, handle: ModelHandle, spec: InputSpec, batch_id: int
         "scored_at": F.current_timestamp(),
         "batch_id": F.lit(batch_id),
     }
-    return scored.select("r.*", "raw_value", *COORDINATES, *_typed(lineage, schema.LINEAGE))
+    return scored.select(
+        "r.*",
+        (raw if keep_valid_raw else F.when(~F.col("r.ok"), raw)).alias("raw_value"),
+        *COORDINATES,
+        *_typed(lineage, schema.LINEAGE),
+    )
 
 
 def _typed(columns: dict[str, Column], struct: schema.StructType) -> list[Column]:
@@ -46,12 +54,6 @@ def as_events(values: DataFrame, source: str) -> DataFrame:
     and nulls: for Delta rows, samples and benchmarks."""
     coordinates = {f.name: F.lit(None) for f in schema.COORDINATES.fields} | {"source": F.lit(source)}
     return values.select(schema.VALUE, *_typed(coordinates, schema.COORDINATES))
-
-
-def count_outcomes(results: DataFrame) -> tuple[int, int]:
-    """(rows scored, rows dead-lettered) of a scored frame, in one job."""
-    counts = {r["ok"]: r["count"] for r in results.groupBy("ok").count().collect()}
-    return counts.get(True, 0), counts.get(False, 0)
 
 
 def scored_rows(results: DataFrame, spec: InputSpec) -> DataFrame:

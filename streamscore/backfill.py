@@ -99,7 +99,8 @@ class BackfillRun:
         self.comparison: dict[str, Any] = {}
         self.gate = build_gate(self.settings, ctx.spark, ctx.client)
         self.ref = ModelRef.parse(request.model_ref or self.settings.model.ref)
-        admitted = self.gate.admit(self.ref, None)
+        with ctx.phase("model"):
+            admitted = self.gate.admit(self.ref, None)
         self.handle, self.spec = admitted.handle, admitted.spec
         self.backfill_id = request.backfill_id or backfill_id_for(request, self.handle.name, self.handle.version)
         self.out_path = request.output_path or self.settings.path("tables/backfill")
@@ -162,7 +163,9 @@ class BackfillRun:
                     log.warning("backfill stopped after %d of %d chunks", self.chunks_done, chunks)
                     break
                 part = events.where(F.col("_chunk") == chunk).drop("_chunk")
-                outcome = score_and_write(part, self.handle, self.spec, chunk, sinks, compare)
+                outcome = score_and_write(
+                    part, self.handle, self.spec, chunk, sinks, compare, keep_valid_raw=other is not None
+                )
                 self._account(chunk, outcome)
                 progress.chunk_done(chunk, outcome, self.totals["rows_in"])
         finally:

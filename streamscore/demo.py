@@ -7,6 +7,7 @@ import datetime as dt
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -28,15 +29,18 @@ def iris_frame():
     return X, pd.Series(data.target, name="species")
 
 
-def train_and_register(name: str, variant: str = "v1", alias: str | None = "champion", tags: dict | None = None) -> str:
-    """Train, log with signature + input example, register; returns the new version number."""
+def train_and_register(
+    name: str, variant: str = "v1", alias: str | None = "champion", tags: dict | None = None, estimator: Any = None
+) -> str:
+    """Train (the demo's logistic regression, or ``estimator``: any scikit-learn classifier), log
+    with signature + input example, register; returns the new version number."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
     from sklearn.linear_model import LogisticRegression
 
     X, y = iris_frame()
-    model = LogisticRegression(max_iter=500, **VARIANTS[variant]).fit(X, y)
+    model = (estimator if estimator is not None else LogisticRegression(max_iter=500, **VARIANTS[variant])).fit(X, y)
     signature = infer_signature(X, model.predict(X))
     mlflow.set_experiment("streamscore-demo-models")
     with mlflow.start_run(run_name=f"train-{name}-{variant}") as run:

@@ -22,7 +22,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +66,7 @@ class JobContext:
         self._describers: list[Callable[[], dict[str, Any]]] = []
         self._stack = contextlib.ExitStack()
         self._previous_handlers: dict[int, Any] = {}
+        self.phases: dict[str, float] = {}  # start-up phases, seconds (the summary's ``startup_s``)
 
     # -- set-up -----------------------------------------------------------------------------------
     def __enter__(self) -> JobContext:
@@ -85,17 +86,29 @@ class JobContext:
         self.tracking_uri, self.registry_uri = configure_mlflow(self.settings)
         self.summary.update(tracking_uri=self.tracking_uri, experiment=self.settings.tracking.experiment)
         if self.preflight is not None:
-            self.preflight(self.settings)
-        self.spark = build_spark(self.settings)
+            with self.phase("preflight"):
+                self.preflight(self.settings)
+        with self.phase("spark"):
+            self.spark = build_spark(self.settings)
         self.client = MlflowClient(self.tracking_uri, self.registry_uri)
         self.tracker = make_tracker(self.settings, self.tracking_uri)
         if self.handle_signals:
             self._install_signal_handlers()
 
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a start-up step; the summary reports them under ``startup_s``."""
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.phases[name] = round(time.time() - t0, 3)
+
     def start_run(self, params: dict[str, Any], tags: dict[str, str]) -> str:
         """Open the job's MLflow run (in ``tracking.experiment``)."""
         name = self.settings.app.run_name or f"{self.job}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_id = self.tracker.start(name, params, {"streamscore.job": self.job, **tags})
+        with self.phase("run"):
+            run_id = self.tracker.start(name, params, {"streamscore.job": self.job, **tags})
         self.summary["run_id"] = run_id
         return run_id
 
@@ -168,6 +181,8 @@ class JobContext:
                 self.summary.update(describe())
             except Exception:
                 log.exception("%s: could not complete the summary", self.job)
+        if self.phases:
+            self.summary["startup_s"] = dict(self.phases)
         self.summary["status"] = status.value
         self.summary["duration_s"] = round(time.time() - self.started_at, 3)
         if exc is not None and not isinstance(exc, KeyboardInterrupt):

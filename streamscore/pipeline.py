@@ -1,34 +1,46 @@
 """The step the stream's micro-batch and the backfill's chunk share: score a frame of raw events
 once, write its outcomes, and say what happened.
 
-Score (one UDF pass, persisted so it runs once), count scored and dead-lettered rows in one job,
-write the scored rows and the dead letters through the given sinks, let the caller look at the
-persisted result (``inspect``: the stream keeps a sample for the gate, the backfill compares
-versions), release it. Every input row is counted once: rows in = rows scored + rows dead-lettered.
+Score (one UDF pass, persisted so the model runs once per row even when two tables are written),
+write the scored rows — that write is the job that scores, and it counts the batch's rows and
+valid rows on the way (a Spark :class:`~pyspark.sql.Observation`, no separate count job) — then
+the dead letters, only when there are any, then let the caller look at the persisted result
+(``inspect``: the stream refreshes its sample for the gate, the backfill compares versions), and
+release it. A clean batch is one Spark job. A replayed batch (its write may be skipped as already
+done) is counted first instead. Every input row is counted once: rows in = rows scored
++ rows dead-lettered.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Observation
+from pyspark.sql import functions as F
 
+from streamscore.deadline import run_within
 from streamscore.faults import failpoint
 from streamscore.scoring.io import Sink
 from streamscore.scoring.spec import InputSpec
-from streamscore.scoring.transform import count_outcomes, dead_letter_rows, score, scored_rows
+from streamscore.scoring.transform import dead_letter_rows, score, scored_rows
 from streamscore.scoring.udf import ModelHandle
+
+log = logging.getLogger(__name__)
+_observations = itertools.count()
+OBSERVATION_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
 class Outcome:
     rows_scored: int
     rows_dead_lettered: int
-    score_s: float  # scoring + counting
-    write_s: float  # both writes (and ``inspect``)
+    score_s: float  # scoring and writing the scored rows (one Spark job)
+    write_s: float  # the dead-letter write and ``inspect``
 
     @property
     def rows_in(self) -> int:
@@ -52,14 +64,28 @@ def score_and_write(
     batch_id: int,
     sinks: Sinks,
     inspect: Callable[[DataFrame, int], None] | None = None,
+    keep_valid_raw: bool = False,
+    count_first: bool = False,
 ) -> Outcome:
-    """Score ``events`` with ``handle`` as batch ``batch_id`` and write both outcomes."""
+    """Score ``events`` with ``handle`` as batch ``batch_id`` and write both outcomes; ``inspect``
+    sees valid rows' payloads (``raw_value``) only with ``keep_valid_raw``.
+
+    ``count_first``: count in a job of its own before writing. A batch that may already be written
+    (a replay after a crash) needs it: Delta skips its write, so the write observes nothing."""
     t0 = time.time()
-    results = score(events, handle, spec, batch_id).persist(StorageLevel.MEMORY_AND_DISK)
+    results = score(events, handle, spec, batch_id, keep_valid_raw).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        scored, dead = count_outcomes(results)
+        if count_first:
+            scored, dead = _count(results)
+            sinks.scored.write(scored_rows(results, spec), batch_id, scored)
+        else:
+            seen = Observation(f"streamscore_outcomes_{next(_observations)}")
+            counted = results.observe(
+                seen, F.count(F.lit(1)).alias("rows"), F.count(F.when(F.col("ok"), 1)).alias("scored")
+            )
+            sinks.scored.write(scored_rows(counted, spec), batch_id, None)
+            scored, dead = _observed(seen, results, batch_id)
         t_write = time.time()
-        sinks.scored.write(scored_rows(results, spec), batch_id, scored)
         failpoint("between-writes")
         sinks.dead_letter.write(dead_letter_rows(results), batch_id, dead)
         failpoint("after-writes")
@@ -69,3 +95,21 @@ def score_and_write(
     finally:
         results.unpersist()
     return Outcome(scored, dead, t_write - t0, t_done - t_write)
+
+
+def _count(results: DataFrame) -> tuple[int, int]:
+    row = results.agg(F.count(F.lit(1)).alias("rows"), F.count(F.when(F.col("ok"), 1)).alias("scored")).first()
+    assert row is not None
+    return int(row["scored"]), int(row["rows"]) - int(row["scored"])
+
+
+def _observed(seen: Observation, results: DataFrame, batch_id: int) -> tuple[int, int]:
+    """(scored, dead-lettered) as the write observed them. Spark delivers them just after the write
+    (through its listener bus); should they not come (a write that did not run), the persisted
+    result is counted instead, so a batch never waits for them for ever."""
+    outcome = run_within(lambda: seen.get, OBSERVATION_TIMEOUT_S, "streamscore-observation")
+    if outcome.finished and outcome.error is None:
+        counts = outcome.result()
+        return int(counts["scored"]), int(counts["rows"]) - int(counts["scored"])
+    log.warning("batch %s: the write's row counts did not arrive; counting the batch instead", batch_id)
+    return _count(results)

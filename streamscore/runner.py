@@ -31,18 +31,31 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# the message of the error a batch raises to end the query before it starts (see StopController)
+HALT_MARKER = "streamscore: stopping before batch"
+
 
 class RecentSample:
-    """The last valid raw events the stream scored: the validation gate scores a candidate on them."""
+    """The last valid raw events the stream scored: the validation gate scores a candidate on them.
 
-    def __init__(self, size: int = 50, per_batch: int = 20):
+    Taking rows is a Spark job of its own, so it is done only when due: while fewer than ``size``
+    rows are held, and then at most every ``refresh_s`` seconds (a sample that old is still recent
+    for a gate; a busy stream does not pay for it batch after batch)."""
+
+    def __init__(self, size: int = 50, per_batch: int = 20, refresh_s: float = 30.0):
         self._rows: deque[str] = deque(maxlen=size)
         self.per_batch = per_batch
+        self.refresh_s = refresh_s
+        self._taken_at = float("-inf")
+
+    def due(self) -> bool:
+        return len(self._rows) < (self._rows.maxlen or 0) or time.monotonic() - self._taken_at >= self.refresh_s
 
     def take_from(self, results: DataFrame, rows_scored: int) -> None:
         if rows_scored:
             picked = results.where("ok").select("raw_value").limit(self.per_batch).collect()
             self._rows.extend(r.raw_value for r in picked)
+            self._taken_at = time.monotonic()
 
     def rows(self) -> list[str]:
         return list(self._rows)
@@ -56,8 +69,10 @@ class BatchProcessor:
         tracker: Tracker,
         sinks: Sinks,
         recent: RecentSample,
+        warmer: sio.SnapshotWarmer | None = None,
     ):
         self.spark = spark
+        self.warmer = warmer
         self.watcher = watcher
         self.tracker = tracker
         self.sinks = sinks
@@ -68,6 +83,9 @@ class BatchProcessor:
         self.last_input_at = time.time()
         self.batch_log: list[dict[str, Any]] = []
         self._bound = threading.Event()
+        self.halt = threading.Event()  # set by the StopController: no new batch starts
+        self.query_started_at: float | None = None
+        self.first_batch_done_at: float | None = None
 
     def bind(self, scored_app_id: str, dead_letter_app_id: str) -> None:
         """Set the sinks' Delta app ids, known once the query has started; batches wait for it."""
@@ -82,20 +100,40 @@ class BatchProcessor:
         serving = self.watcher.serving.label
         sio.ensure_delta_table(self.spark, self.sinks.scored.path, schema.output_schema(spec), serving)
         sio.ensure_delta_table(self.spark, self.sinks.dead_letter.path, schema.DEAD_LETTER, serving)
+        if self.warmer is not None:
+            self.warmer.request()
 
     def __call__(self, batch_df: DataFrame, batch_id: int) -> None:
+        if self.halt.is_set():  # before anything is read, recorded or written: Spark reads it again next time
+            raise RuntimeError(f"{HALT_MARKER} {batch_id} (its events are read again at the next start)")
         if not self._bound.wait(timeout=120):
             raise RuntimeError("the stream's sinks were never bound to the query")
         t0 = time.time()
+        ledger = self.watcher.ledger
+        replay = ledger is not None and ledger.get(batch_id) is not None  # begun before: maybe written
         handle = self.watcher.model_for_batch(batch_id)
         t_picked = time.time()
         assert self.watcher.spec is not None
-        outcome = score_and_write(batch_df, handle, self.watcher.spec, batch_id, self.sinks, self.recent.take_from)
+        sample = self.recent.due()
+        outcome = score_and_write(
+            batch_df,
+            handle,
+            self.watcher.spec,
+            batch_id,
+            self.sinks,
+            self.recent.take_from if sample else None,
+            keep_valid_raw=sample,
+            count_first=replay,
+        )
+        if self.warmer is not None:
+            self.warmer.request()  # the next batch's writes find the tables' state ready
         self._account(batch_id, handle.version, outcome, t_picked - t0, time.time() - t0)
         self.watcher.batch_scored(batch_id, outcome.rows_scored)
+        if self.first_batch_done_at is None:
+            self.first_batch_done_at = time.time()
 
     def _account(self, batch_id: int, version: str, o: Outcome, pick_s: float, seconds: float) -> None:
-        phases = {"pick_model_s": pick_s, "score_s": o.score_s, "write_s": o.write_s}
+        phases = {"pick_model_s": pick_s, "score_s": o.score_s, "write_s": o.write_s}  # see Outcome
         self.batches += 1
         self.totals.update(rows_in=o.rows_in, rows_scored=o.rows_scored, rows_dead_lettered=o.rows_dead_lettered)
         self.rows_by_version[version] += o.rows_scored
@@ -132,6 +170,12 @@ class BatchProcessor:
             },
             step=batch_id,
         )
+
+    def first_batch_s(self) -> float | None:
+        """Seconds from the query's start to the end of its first batch (None: no batch yet)."""
+        if self.query_started_at is None or self.first_batch_done_at is None:
+            return None
+        return round(self.first_batch_done_at - self.query_started_at, 3)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -184,14 +228,22 @@ class StopController:
         return time.time() - max(self.processor.last_input_at, self._first_progress_at)
 
     def run(self, query: StreamingQuery) -> str:
-        """Block until the query ends by itself or a stop condition holds; returns why it ended."""
+        """Block until the query ends by itself or a stop condition holds; returns why it ended.
+
+        The query is stopped while no trigger is active. A stream under load runs batches back to
+        back and may never be seen idle: then the processor is told to halt, and the next batch
+        ends the query before it reads anything (Spark has not committed it, so a restart reads
+        its events again)."""
         while query.isActive:
             reason = self._want_stop(query)
-            if reason and not query.status.get("isTriggerActive", False):
-                self.reason = reason
-                query.stop()
-                break
+            if reason:
+                self.reason = self.reason or reason
+                if not query.status.get("isTriggerActive", False):
+                    query.stop()
+                    break
+                self.processor.halt.set()
             query.awaitTermination(0.2)  # type: ignore[arg-type] # seconds; pyspark takes a float
-        if query.exception() is not None:
-            raise RuntimeError(f"streaming query failed: {query.exception()}")
+        error = query.exception()
+        if error is not None and not (self.reason and HALT_MARKER in str(error)):
+            raise RuntimeError(f"streaming query failed: {error}")
         return self.reason or "completed"

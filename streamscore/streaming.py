@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,8 +231,11 @@ def _stream(
     watcher.ledger = open_ledger(settings, spark)
     ctx.on_close(watcher.stop)
     sinks = Sinks(sio.IdempotentAppend(settings.output_path), sio.IdempotentAppend(settings.dead_letter_path))
-    processor = BatchProcessor(spark, watcher, ctx.tracker, sinks, recent)
-    handle = start_serving(watcher, processor)
+    warmer = sio.SnapshotWarmer(spark, [settings.output_path, settings.dead_letter_path], settings.sink.warm_snapshots)
+    ctx.on_close(warmer.stop)
+    processor = BatchProcessor(spark, watcher, ctx.tracker, sinks, recent, warmer)
+    with ctx.phase("model"):  # resolve, download, policy, gate (warms the Python workers), tables
+        handle = start_serving(watcher, processor)
     run_id = ctx.start_run(
         run_params(settings),
         {"streamscore.model_name": handle.name, "streamscore.initial_model_version": handle.version},
@@ -240,7 +244,9 @@ def _stream(
     stopper = StopController(processor, ctx.stop_requested, trig.max_batches, trig.idle_timeout_s, should_stop)
     ctx.describe(lambda: _summary(settings, ctx, processor, watcher, stopper))
     _warn_if_new_checkpoint_on_old_tables(spark, settings)
-    query = start_query(read_events(spark, settings), processor, settings)
+    with ctx.phase("query_start"):
+        query = start_query(read_events(spark, settings), processor, settings)
+    processor.query_started_at = time.time()
     ctx.summary["query_id"] = query.id
     app_id = delta_app_id(settings, query.id)
     processor.bind(app_id, app_id + "-dead-letter")  # batches wait for this
@@ -305,6 +311,7 @@ def _summary(
         ],
         "refused": [{"version": r.version, "reason": r.reason} for r in watcher.refusals],
         "stop_reason": stopper.reason or "completed",
+        "first_batch_s": processor.first_batch_s(),
         "tracking_metrics_dropped": ctx.tracker.dropped,
     }
     if settings.tracking.mirror_uri:

@@ -8,7 +8,7 @@ export PYSPARK_PYTHON := $(abspath $(BIN)/python)
 # the package as it is installed (streamscore/ with jobs/, scoring/, ... as subpackages).
 TYPECHECK := build/typecheck
 
-.PHONY: setup demo test unit lint typecheck services-stop clean
+.PHONY: setup demo test unit lint typecheck bench services-stop clean
 
 $(BIN)/streamscore: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,9 @@ demo: setup  ## start Kafka + MLflow, register the demo model, stream-score with
 
 test: setup lint  ## lint, then the whole test suite against real Kafka, Spark, Delta and MLflow (started by fixtures)
 	$(BIN)/python -m pytest
+
+bench: setup  ## the end-to-end benchmark (about 15 minutes; results under .streamscore/bench/)
+	$(BIN)/streamscore bench
 
 unit: $(BIN)/streamscore
 	$(BIN)/python -m pytest -m "not integration"

@@ -503,7 +503,7 @@ class BackfillRequest(_Section):
     model_ref: ModelRefText | None = None  # default: model.ref
     backfill_id: str | None = Field(None, pattern=_BACKFILL_ID)  # default: derived from input + version
     compare_with: ModelRefText | None = None
-    chunks: int = Field(4, ge=1, le=10_000)
+    chunks: int = Field(1, ge=1, le=10_000)
     output_path: str | None = None  # default: <home>/tables/backfill
     dead_letter_path: str | None = None  # default: <home>/tables/backfill_dead_letter
 

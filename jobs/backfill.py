@@ -34,7 +34,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--model-ref", help="@alias, stage:<Stage>, latest or a version (default: model.ref)")
     p.add_argument("--backfill-id", help="name of this run's output slice (letters, digits, . _ -; default: derived)")
     p.add_argument("--compare-with", metavar="REF", help="second version/alias to compare predictions with")
-    p.add_argument("--chunks", type=int, default=4, help="score the input in this many chunks (default 4)")
+    p.add_argument("--chunks", type=int, default=1, help="score in N parts, each written when done (default 1)")
     p.add_argument("--output", help="output Delta table (default <home>/tables/backfill)")
     p.add_argument("--dead-letter", help="dead-letter Delta table (default <home>/tables/backfill_dead_letter)")
     return p

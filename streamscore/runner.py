@@ -16,6 +16,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from pyspark.errors import StreamingQueryException
 from pyspark.sql import DataFrame
 
 from streamscore.pipeline import Outcome, Sinks, score_and_write
@@ -84,6 +85,7 @@ class BatchProcessor:
         self.batch_log: list[dict[str, Any]] = []
         self._bound = threading.Event()
         self.halt = threading.Event()  # set by the StopController: no new batch starts
+        self.halted_before: int | None = None
         self.query_started_at: float | None = None
         self.first_batch_done_at: float | None = None
 
@@ -105,6 +107,7 @@ class BatchProcessor:
 
     def __call__(self, batch_df: DataFrame, batch_id: int) -> None:
         if self.halt.is_set():  # before anything is read, recorded or written: Spark reads it again next time
+            self.halted_before = batch_id
             raise RuntimeError(f"{HALT_MARKER} {batch_id} (its events are read again at the next start)")
         if not self._bound.wait(timeout=120):
             raise RuntimeError("the stream's sinks were never bound to the query")
@@ -242,7 +245,10 @@ class StopController:
                     query.stop()
                     break
                 self.processor.halt.set()
-            query.awaitTermination(0.2)  # type: ignore[arg-type] # seconds; pyspark takes a float
+            try:
+                query.awaitTermination(0.2)  # type: ignore[arg-type] # seconds; pyspark takes a float
+            except StreamingQueryException:
+                break  # the query failed (or halted): told apart below
         error = query.exception()
         if error is not None and not (self.reason and HALT_MARKER in str(error)):
             raise RuntimeError(f"streaming query failed: {error}")

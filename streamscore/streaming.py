@@ -312,6 +312,7 @@ def _summary(
         "refused": [{"version": r.version, "reason": r.reason} for r in watcher.refusals],
         "stop_reason": stopper.reason or "completed",
         "first_batch_s": processor.first_batch_s(),
+        "halted_before_batch": processor.halted_before,  # stopped under load: this batch is read again next time
         "tracking_metrics_dropped": ctx.tracker.dropped,
     }
     if settings.tracking.mirror_uri:

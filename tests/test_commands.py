@@ -56,21 +56,36 @@ def test_produce_and_model_commands(services, tracking, tmp_path):
     )
 
 
-def test_bench_smoke(tmp_path):
+def test_bench_smoke_runs_every_scenario_on_the_real_services(services, tracking, tmp_path):
+    """``bench --quick``: every scenario end to end at tiny sizes (its figures are not checked
+    against targets here: timing belongs to the benchmark, not the tests), its accounting is."""
+    out = tmp_path / "bench"
     summary = _run(
         "bench",
-        "--rows",
-        "4000",
-        "--repeat",
-        "1",
-        "--swaps",
-        "2",
-        "--master",
-        "local[1]",
+        "--quick",
+        "--out",
+        str(out),
         "--set",
         f"app.home={tmp_path}",
+        "--set",
+        f"tracking.uri={tracking}",
+        "--set",
+        f"source.kafka.bootstrap_servers={services['kafka']}",
+        "--set",
+        f"model.name=bench-{uuid.uuid4().hex[:8]}",
+        timeout=1200,
     )
-    assert summary["rows"] == 4000 and summary["streamscore_rows_per_s"] > 0 and summary["spark_udf_rows_per_s"] > 0
+    results = json.loads((out / "results.json").read_text())
+    assert summary["status"] == "OK" and set(results) >= {"throughput", "latency", "swap", "backfill", "memory"}
+    t = results["throughput"]
+    assert t["backlog_events"] == 3000 and t["streamscore"]["rows_per_s"] > 0 and t["plain_consumer"]["rows_per_s"] > 0
+    assert set(t["streamscore"]["startup_phases_s"]) >= {"preflight", "spark", "model", "run", "query_start"}
+    assert results["swap"]["moves"] == 2 and results["swap"]["files_mixing_versions"] == 0
+    assert results["swap"]["restart_s"]["runs"] == 1
+    assert results["latency"]["small_batch"]["batches"] >= 1
+    assert results["latency"]["freshness"]["200_events_per_s"]["rows"] == 800
+    assert results["backfill"]["rows"] == 3000
+    assert "| figure | measured | note |" in (out / "results.md").read_text()
 
 
 def test_demo_end_to_end_on_its_own_services(tmp_path):

@@ -18,6 +18,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -125,7 +126,12 @@ def _model_ref(v: str | None) -> str | None:
     return v
 
 
-ModelRefText = Annotated[str, AfterValidator(_model_ref)]
+def _version_number_as_text(v: Any) -> Any:
+    """``--set model.ref=3`` (or ``ref: 3`` in YAML) reads as a number: it is a version."""
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+ModelRefText = Annotated[str, BeforeValidator(_version_number_as_text), AfterValidator(_model_ref)]
 
 
 DEFAULT_LOADERS = ("mlflow.sklearn", "mlflow.xgboost", "mlflow.lightgbm", "mlflow.onnx", "mlflow.pyfunc.model")

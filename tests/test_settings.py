@@ -117,3 +117,10 @@ def test_credentials_in_free_form_options_are_masked():
     assert "p@ss-9" not in dumped and "azure-key-123" not in dumped
     assert s.masked()["source"]["kafka"]["options"]["kafka.security.protocol"] == "SASL_SSL"
     assert s.source.kafka.options["kafka.sasl.jaas.config"] == jaas  # the job itself still gets the value
+
+
+def test_a_version_number_given_as_a_number_is_a_model_reference():
+    """``--set model.ref=3`` reads as YAML's number 3: it is version "3", as documented."""
+    assert load_settings(overrides=["model.ref=3"]).model.ref == "3"
+    with pytest.raises(ConfigError, match=r"model\.ref"):
+        load_settings(overrides=["model.ref=true"])

@@ -101,7 +101,7 @@ def parse_chunk(
         row: list[Any] = []
         for f, exact in zip(feats, exact_types, strict=True):
             v = obj.get(f.name)
-            if type(v) is exact and (exact is not float or v - v == 0.0):  # the common case, inline
+            if type(v) is exact and (exact is not float or v - v == 0.0):  # type: ignore[operator] # common case, inline
                 row.append(v)
                 continue
             if v is None:

@@ -40,6 +40,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,7 +88,7 @@ class Commit:
 
 def delta_commits(table: str | Path) -> list[Commit]:
     """Every commit of a Delta table that added rows, from its log files (no Spark)."""
-    out = []
+    out: list[Commit] = []
     log_dir = Path(table) / "_delta_log"
     if not log_dir.is_dir():
         return out
@@ -302,7 +303,7 @@ class Bench:
                 if not msgs:
                     continue
                 t0 = t0 or time.perf_counter()
-                frame = pd.DataFrame.from_records([orjson.loads(m.value()) for m in msgs])
+                frame = pd.DataFrame.from_records([orjson.loads(m.value() or b"null") for m in msgs])
                 frame["prediction"] = model.predict(frame[FEATURES])
                 pq.write_table(pa.Table.from_pandas(frame), out / f"part-{part:05d}.parquet")
                 got, part = got + len(msgs), part + 1
@@ -340,7 +341,7 @@ class Bench:
             for i in range(self.sizes.floor_batches):  # small batches, one at a time
                 before = len(delta_commits(table))
                 produce_events(self.kafka, topic, 3, prefix=f"floor{i}")
-                wait_for(lambda b=before: len(delta_commits(table)) > b, 60, "a small batch", job)
+                wait_for(partial(_more_commits, table, before), 60, "a small batch", job)
                 time.sleep(1.0)
             windows = []
             for rate in self.sizes.rates:
@@ -409,7 +410,7 @@ class Bench:
             wait_for(lambda: delta_commits(table), 300, "the first commit", job)
             for v in versions[:n]:  # the running stream swaps
                 at = promote(self.model, v)
-                seen = wait_for(lambda v=v, at=at: _first_commit_with(table, v, at), 300, f"version {v}", job)
+                seen = wait_for(partial(_first_commit_with, table, v, at), 300, f"version {v}", job)
                 hot.append(seen - at)
             for i, v in enumerate(versions[n:]):  # stop, then restart on the checkpoint with the version
                 at = time.time()
@@ -417,7 +418,7 @@ class Bench:
                 job.summary()
                 promote(self.model, v)
                 job = Job(self, f"swap-restart-{i}", ["stream"], [*overrides, f"model.ref={v}"])
-                seen = wait_for(lambda v=v, at=at: _first_commit_with(table, v, at), 300, f"version {v}", job)
+                seen = wait_for(partial(_first_commit_with, table, v, at), 300, f"version {v}", job)
                 restarts.append(seen - at)
         finally:
             producer.halt.set()
@@ -496,18 +497,29 @@ class Bench:
             "bench",
         ).cache()
         events.count()
-        score(events, ModelHandle("bench", "0", "", str(path), "bench-model"), spec, 0).count()
-        before = (_rss_mb(os.getpid()), _python_workers_rss_mb())
-        for v in range(1, self.sizes.memory_swaps + 1):
+
+        def swap_to(v: int) -> None:
             h = ModelHandle("bench", str(v), "", str(path), "bench-model")
             assert score(events, h, spec, v).where("ok").count() == 2000
+
+        warm_up = max(1, min(5, self.sizes.memory_swaps // 5))  # every worker started, the cache full
+        for v in range(warm_up):
+            swap_to(v)
+        before = (_rss_mb(os.getpid()), _python_workers_rss_mb())
+        for v in range(warm_up, warm_up + self.sizes.memory_swaps):
+            swap_to(v)
         after = (_rss_mb(os.getpid()), _python_workers_rss_mb())
         return {
             "swaps": self.sizes.memory_swaps,
+            "warm_up_swaps": warm_up,
             "driver_rss_mb": [round(before[0]), round(after[0])],
             "python_workers_rss_mb": [round(before[1]), round(after[1])],
             "python_workers_growth": _r((after[1] - before[1]) / before[1] if before[1] else None, 3),
         }
+
+
+def _more_commits(table: Path, than: int) -> bool:
+    return len(delta_commits(table)) > than
 
 
 def _first_commit_with(table: Path, version: str, after: float) -> float | None:
@@ -628,7 +640,7 @@ def markdown(results: dict[str, Any], machine: str) -> str:
     if mem:
         rows.append(
             (
-                f"Python workers' RSS across {mem['swaps']} swaps",
+                f"Python workers' RSS across {mem['swaps']} swaps (after {mem['warm_up_swaps']} to warm up)",
                 f"{mem['python_workers_rss_mb'][0]} -> {mem['python_workers_rss_mb'][1]} MB",
                 f"driver {mem['driver_rss_mb'][0]} -> {mem['driver_rss_mb'][1]} MB",
             )

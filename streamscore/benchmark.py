@@ -64,11 +64,13 @@ class Sizes:
     rates: tuple[int, ...] = (1000, 5000)
     rate_seconds: float = 20.0
     floor_batches: int = 8
+    batch_events: int | None = None  # the throughput stream's max_offsets_per_trigger (None: the default)
 
     @classmethod
     def quick(cls) -> Sizes:
-        """Tiny sizes: every scenario runs, in a few minutes (the test suite's smoke run)."""
-        return cls(3000, 2, 1, 3000, 3, (200,), 4.0, 2)
+        """Tiny sizes: every scenario runs, in a few minutes (the test suite's smoke run); the
+        backlog is split into a few batches so that a rate between commits exists."""
+        return cls(3000, 2, 1, 3000, 3, (200,), 4.0, 2, 1000)
 
 
 # -- what a job left: the Delta log ----------------------------------------------------------------
@@ -259,6 +261,8 @@ class Bench:
         res: dict[str, Any] = {"backlog_events": n, "produce_events_per_s": _r(produced.sent / produced.seconds, 0)}
         for label, model in (("streamscore", self.model), ("streamscore_identity_model", self.identity)):
             overrides, table = self.stream_overrides(label, topic, model)
+            if self.sizes.batch_events:
+                overrides.append(f"source.kafka.max_offsets_per_trigger={self.sizes.batch_events}")
             job = Job(self, label, ["stream", "--available-now"], overrides)
             summary = job.summary()
             commits = delta_commits(table)
@@ -344,11 +348,14 @@ class Bench:
                 wait_for(partial(_more_commits, table, before), 60, "a small batch", job)
                 time.sleep(1.0)
             windows = []
+            expected = 1 + 3 * self.sizes.floor_batches
             for rate in self.sizes.rates:
                 t0 = time.time()
-                produce_events(self.kafka, topic, int(rate * self.sizes.rate_seconds), rate=rate, prefix=f"r{rate}")
+                count = int(rate * self.sizes.rate_seconds)
+                produce_events(self.kafka, topic, count, rate=rate, prefix=f"r{rate}")
                 windows.append((rate, t0, time.time()))
-                time.sleep(3.0)  # drained before the next rate
+                expected += count
+                wait_for(partial(_rows_committed, table, expected), 300, f"{expected} rows committed", job)
         finally:
             job.stop()
         summary = job.summary()
@@ -516,6 +523,10 @@ class Bench:
             "python_workers_rss_mb": [round(before[1]), round(after[1])],
             "python_workers_growth": _r((after[1] - before[1]) / before[1] if before[1] else None, 3),
         }
+
+
+def _rows_committed(table: Path, rows: int) -> bool:
+    return sum(c.rows for c in delta_commits(table)) >= rows
 
 
 def _more_commits(table: Path, than: int) -> bool:

@@ -18,9 +18,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, Observation
+from pyspark.sql import Column, DataFrame, Observation
 from pyspark.sql import functions as F
 
 from streamscore.deadline import run_within
@@ -80,9 +81,7 @@ def score_and_write(
             sinks.scored.write(scored_rows(results, spec), batch_id, scored)
         else:
             seen = Observation(f"streamscore_outcomes_{next(_observations)}")
-            counted = results.observe(
-                seen, F.count(F.lit(1)).alias("rows"), F.count(F.when(F.col("ok"), 1)).alias("scored")
-            )
+            counted = results.observe(seen, *_outcome_counts())
             sinks.scored.write(scored_rows(counted, spec), batch_id, None)
             scored, dead = _observed(seen, results, batch_id)
         t_write = time.time()
@@ -97,10 +96,19 @@ def score_and_write(
     return Outcome(scored, dead, t_write - t0, t_done - t_write)
 
 
+def _outcome_counts() -> tuple[Column, Column]:
+    """The two counts a result is summed up by: all rows, and valid (scored) ones."""
+    return F.count(F.lit(1)).alias("rows"), F.count(F.when(F.col("ok"), 1)).alias("scored")
+
+
+def _scored_and_dead(counts: Any) -> tuple[int, int]:
+    return int(counts["scored"]), int(counts["rows"]) - int(counts["scored"])
+
+
 def _count(results: DataFrame) -> tuple[int, int]:
-    row = results.agg(F.count(F.lit(1)).alias("rows"), F.count(F.when(F.col("ok"), 1)).alias("scored")).first()
+    row = results.agg(*_outcome_counts()).first()
     assert row is not None
-    return int(row["scored"]), int(row["rows"]) - int(row["scored"])
+    return _scored_and_dead(row)
 
 
 def _observed(seen: Observation, results: DataFrame, batch_id: int) -> tuple[int, int]:
@@ -109,7 +117,6 @@ def _observed(seen: Observation, results: DataFrame, batch_id: int) -> tuple[int
     result is counted instead, so a batch never waits for them for ever."""
     outcome = run_within(lambda: seen.get, OBSERVATION_TIMEOUT_S, "streamscore-observation")
     if outcome.finished and outcome.error is None:
-        counts = outcome.result()
-        return int(counts["scored"]), int(counts["rows"]) - int(counts["scored"])
+        return _scored_and_dead(outcome.result())
     log.warning("batch %s: the write's row counts did not arrive; counting the batch instead", batch_id)
     return _count(results)

@@ -89,9 +89,10 @@ def materialize(
         try:
             uri = f"models:/{mv.name}/{mv.version}"
             log.info("downloading %s", uri)
+            tracking_uri, registry_uri = _download_uris(client)
             local = Path(
                 mlflow.artifacts.download_artifacts(
-                    artifact_uri=uri, dst_path=str(tmp), tracking_uri=_tracking_uri(client)
+                    artifact_uri=uri, dst_path=str(tmp), tracking_uri=tracking_uri, registry_uri=registry_uri
                 )
             )
             if not (local / "MLmodel").exists():
@@ -148,5 +149,12 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
-def _tracking_uri(client: Any) -> str:
-    return str(client._tracking_client.tracking_uri)
+def _download_uris(client: Any) -> tuple[str, str]:
+    """(tracking, registry) URIs a registered version is downloaded with. A version stored on an
+    MLflow server (``mlflow-artifacts:``) is served by that registry server, so an http(s) registry
+    also resolves the artifacts, whatever the tracking target is (an ``azureml://`` or
+    ``databricks`` tracking URI cannot resolve them)."""
+    tracking, registry = str(client._tracking_client.tracking_uri), str(client._registry_uri)
+    if registry.startswith(("http://", "https://")):
+        return registry, registry
+    return tracking, registry

@@ -9,12 +9,11 @@ the proxy with their real libraries; only the network between them is faulty.
 
 from __future__ import annotations
 
-import http.client
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+from tests.httpkit import forward, read_body, reply, serve
 
 
 class FaultProxy:
@@ -39,18 +38,12 @@ class FaultProxy:
                 pass
 
             def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length > 0 else None
+                body = read_body(self) or None
                 with proxy._lock:
                     proxy.seen.append((self.command, self.path, self.headers.get("Authorization")))
                 refused = next((code for part, code in proxy.refuse.items() if part in self.path), None)
                 if refused is not None:  # an API this server does not have
-                    data = b'{"error_code": "ENDPOINT_NOT_FOUND", "message": "not implemented here"}'
-                    self.send_response(refused)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
+                    reply(self, refused, {"error_code": "ENDPOINT_NOT_FOUND", "message": "not implemented here"})
                     return
                 if proxy._should_hang(self.path):
                     with proxy._lock:
@@ -59,36 +52,25 @@ class FaultProxy:
                         pass
                     self.close_connection = True
                     return
-                conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=120)
-                try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                finally:
-                    conn.close()
+                status, reason, headers, data = forward(
+                    proxy.upstream_host, proxy.upstream_port, self.command, self.path, body, dict(self.headers)
+                )
                 with proxy._lock:
                     proxy.passed += 1
-                self.send_response(resp.status, resp.reason)
-                for k, v in resp.getheaders():
-                    if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                reply(self, status, data, headers, reason)
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
+        self._handler = Handler
+        self._server: ThreadingHTTPServer | None = None
 
     @property
     def address(self) -> str:
+        assert self._server is not None, "start() the proxy first"
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def start(self) -> FaultProxy:
-        self._thread.start()
+        self._server = serve(self._handler, "fault-proxy")
         return self
 
     def hang(self, path_contains: str = "") -> None:
@@ -108,5 +90,6 @@ class FaultProxy:
 
     def stop(self) -> None:
         self._closing.set()
-        self._server.shutdown()
-        self._server.server_close()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()

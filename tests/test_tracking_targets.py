@@ -68,6 +68,69 @@ def test_azureml_uri_is_built_and_the_plugin_resolves_it_offline():
     assert "azureml" in builder.__module__
 
 
+@pytest.mark.integration
+def test_an_azure_ml_workspace_gets_the_job_run_through_the_azureml_plugin(
+    spark, make_settings, tmp_path, monkeypatch, capfd
+):
+    """The stream's tracking target is an Azure ML workspace (``azureml://``), reached through the
+    real azureml-mlflow plugin: its store, its Azure AD credential chain (a managed identity
+    endpoint here), its artifact client and blob upload, over TLS. The emulator in front of a real
+    MLflow server answers as Azure ML does (no logged-models API); what the job logged is read back
+    from that server with MLflow's own client. The model registry is the local server."""
+    from tests.azureml_workspace import AzureMLWorkspace
+
+    s0 = make_settings()
+    ws = AzureMLWorkspace(s0.tracking.uri, tmp_path / "aml")
+    for var in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET", "AZURE_FEDERATED_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)  # the chain's first links stay out of the way
+    for var, value in ws.env().items():
+        monkeypatch.setenv(var, value)
+    try:
+        s = make_settings(
+            s0.model.name,
+            trigger={"available_now": True},
+            tracking={"uri": ws.uri(), "registry_uri": s0.tracking.uri, "experiment": "streamscore-aml"},
+        )
+        train_and_register(s.model.name, "v1", alias="champion")  # the uploader's side, on the registry
+        k = s.source.kafka
+        ensure_topic(k.bootstrap_servers, k.topic)
+        produce_events(k.bootstrap_servers, k.topic, 80, malformed_every=10, prefix="aml")
+        summary = run_stream(s)
+    finally:
+        ws.stop()
+    out, err = capfd.readouterr()
+    assert summary["status"] == "FINISHED" and (summary["rows_scored"], summary["rows_dead_lettered"]) == (72, 8)
+    assert summary["tracking_uri"] == ws.uri()
+
+    # Azure AD: a token for Azure's management scope, from the managed identity endpoint
+    assert ws.token_requests and {q["resource"][0] for q in ws.token_requests} == {"https://management.azure.com"}
+    calls = ws.mlflow_calls()
+    assert {c.authorization for c in calls} == {f"Bearer {ws.token}"}
+    served = [
+        c for c in ws.calls if "/api/2.0/mlflow/" in c.path or "/history/v1.0/" in c.path or "/blobstore/" in c.path
+    ]
+    assert served == ws.calls, [c.path for c in ws.calls if c not in served]  # no call Azure ML would not answer
+    assert not [c.path for c in ws.calls if "logged-models" in c.path]
+    assert any(c.path.endswith("/runs/update") for c in calls)
+
+    # what the job logged, read back from the server behind the workspace
+    client = MlflowClient(s0.tracking.uri)
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["model.name"] == s.model.name
+    assert client.get_experiment(run.info.experiment_id).name == "streamscore-aml"
+    history = client.get_metric_history(summary["run_id"], "rows_scored")
+    assert sum(m.value for m in history) == 72 and len(history) == summary["batches"]
+    assert run.data.metrics["model_version"] == 1
+    with open(client.download_artifacts(summary["run_id"], "summary.json", str(tmp_path / "dl"))) as f:
+        assert json.load(f)["rows_scored"] == 72
+    assert json.loads(ws.blobs["summary.json"])["run_id"] == summary["run_id"]  # uploaded as a blob
+
+    # the bearer token is nowhere but in the Authorization header
+    logged = json.dumps([run.data.params, run.data.tags]) + ws.blobs["summary.json"].decode() + out + err
+    assert ws.token not in logged and ws.identity_header not in logged
+    assert all(ws.token.encode() not in c.body for c in ws.calls)
+
+
 def test_misconfigured_azure_target_stops_the_job_at_start_naming_the_key():
     with pytest.raises(ConfigError, match="tracking.azure.workspace"):
         load_settings("azure", overrides=AZURE[:2] + AZURE[3:]).tracking.effective_uri()

@@ -9,9 +9,11 @@ import itertools
 import json
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.httpkit import read_body, reply, serve
 
 
 @dataclass
@@ -56,27 +58,17 @@ class WorkspaceRecorder:
                 pass
 
             def _handle(self) -> None:
-                n = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(n) if n else b""
+                body = read_body(self)
                 parts = urlsplit(self.path)
                 call = Call(self.command, parts.path, parse_qs(parts.query), dict(self.headers), body)
                 with rec._lock:
                     rec.calls.append(call)
                     status, payload, extra = rec._answer(call)
-                raw = b"" if payload is None else json.dumps(payload).encode()
-                self.send_response(status)
-                for k, v in extra.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
+                reply(self, status, payload, extra)
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="workspace-recorder", daemon=True).start()
+        self._server = serve(Handler, "workspace-recorder")
 
     @property
     def url(self) -> str:

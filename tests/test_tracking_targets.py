@@ -149,16 +149,16 @@ class _Recorder:
     """A local HTTP recorder standing in for a Databricks workspace's MLflow REST API."""
 
     def __init__(self):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
+
+        from tests.httpkit import read_body, reply, serve
 
         self.calls = []
         rec = self
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self):
-                n = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(n).decode() if n else ""
+                body = read_body(self).decode()
                 rec.calls.append((self.command, self.path, dict(self.headers), body))
                 path = self.path.split("?")[0]
                 info = {
@@ -183,20 +183,14 @@ class _Recorder:
                     resp = {"run_info": {**info, "status": json.loads(body).get("status", "RUNNING")}}
                 else:
                     resp = {}
-                raw = json.dumps(resp).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
+                reply(self, 200, resp)
 
             do_GET = do_POST = do_PATCH = _answer
 
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = serve(Handler, "databricks-mlflow-recorder")
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def mlflow_calls(self):

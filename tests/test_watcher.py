@@ -20,7 +20,8 @@ from tests.helpers import register_worker_killer
 @pytest.fixture
 def watcher(spark, make_settings, tmp_path):
     def make(settings):
-        w = build_watcher(settings, spark, MlflowClient(settings.tracking.uri))
+        t = settings.tracking  # the client as the jobs make it (lifecycle.JobContext)
+        w = build_watcher(settings, spark, MlflowClient(t.effective_uri(), t.effective_registry_uri()))
         w.ledger = BatchLedger(tmp_path / "ledger.jsonl")
         w.start()
         return w

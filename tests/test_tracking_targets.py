@@ -77,7 +77,7 @@ def test_an_azure_ml_workspace_gets_the_job_run_through_the_azureml_plugin(
     endpoint here), its artifact client and blob upload, over TLS. The emulator in front of a real
     MLflow server answers as Azure ML does (no logged-models API); what the job logged is read back
     from that server with MLflow's own client. The model registry is the local server."""
-    from tests.azureml_workspace import AzureMLWorkspace
+    from tests.mlflow_workspaces import AzureMLWorkspace
 
     s0 = make_settings()
     ws = AzureMLWorkspace(s0.tracking.uri, tmp_path / "aml")
@@ -107,7 +107,9 @@ def test_an_azure_ml_workspace_gets_the_job_run_through_the_azureml_plugin(
     calls = ws.mlflow_calls()
     assert {c.authorization for c in calls} == {f"Bearer {ws.token}"}
     served = [
-        c for c in ws.calls if "/api/2.0/mlflow/" in c.path or "/history/v1.0/" in c.path or "/blobstore/" in c.path
+        c
+        for c in ws.calls
+        if "/api/2.0/mlflow/" in c.path or "/history/v1.0/" in c.path or c.path.startswith("/upload/")
     ]
     assert served == ws.calls, [c.path for c in ws.calls if c not in served]  # no call Azure ML would not answer
     assert not [c.path for c in ws.calls if "logged-models" in c.path]
@@ -145,102 +147,62 @@ def test_misconfigured_azure_target_stops_the_job_at_start_naming_the_key():
     assert json.loads(proc.stdout.strip().splitlines()[-1])["status"] == "FAILED"
 
 
-class _Recorder:
-    """A local HTTP recorder standing in for a Databricks workspace's MLflow REST API."""
-
-    def __init__(self):
-        from http.server import BaseHTTPRequestHandler
-
-        from tests.httpkit import read_body, reply, serve
-
-        self.calls = []
-        rec = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self):
-                body = read_body(self).decode()
-                rec.calls.append((self.command, self.path, dict(self.headers), body))
-                path = self.path.split("?")[0]
-                info = {
-                    "run_id": "r1",
-                    "run_uuid": "r1",
-                    "experiment_id": "42",
-                    "start_time": 1,
-                    "lifecycle_stage": "active",
-                    "artifact_uri": "dbfs:/databricks/mlflow/42/r1/artifacts",
-                }
-                if path.endswith("experiments/get-by-name"):
-                    resp = {
-                        "experiment": {
-                            "experiment_id": "42",
-                            "name": "/Shared/streamscore",
-                            "lifecycle_stage": "active",
-                        }
-                    }
-                elif path.endswith("runs/create"):
-                    resp = {"run": {"info": {**info, "status": "RUNNING"}, "data": {}}}
-                elif path.endswith("runs/update"):
-                    resp = {"run_info": {**info, "status": json.loads(body).get("status", "RUNNING")}}
-                else:
-                    resp = {}
-                reply(self, 200, resp)
-
-            do_GET = do_POST = do_PATCH = _answer
-
-            def log_message(self, *args):
-                pass
-
-        self.server = serve(Handler, "databricks-mlflow-recorder")
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def mlflow_calls(self):
-        return [c for c in self.calls if "/api/2.0/mlflow/" in c[1]]
-
-
-def test_databricks_target_through_the_real_client(monkeypatch):
-    from streamscore.streaming import run_params
-    from streamscore.tracking import configure_mlflow, make_tracker
+@pytest.mark.integration
+def test_a_databricks_workspace_gets_the_job_run_through_the_real_client(
+    spark, make_settings, tmp_path, monkeypatch, capfd
+):
+    """The stream tracks to ``databricks`` (MLflow's Databricks store, configured through
+    ``databricks-sdk``) on a local emulator in front of a real MLflow server: bearer token,
+    ``dbfs:/databricks/mlflow-tracking/`` artifact URIs, uploads through the Files API. The model
+    registry is the local server."""
+    from tests.mlflow_workspaces import DatabricksWorkspace
 
     for var in ("DATABRICKS_HOST", "DATABRICKS_TOKEN", "MLFLOW_TRACKING_TOKEN"):
         monkeypatch.setenv(var, "")  # so that what configure_mlflow sets is undone after the test
     monkeypatch.delenv("DATABRICKS_CONFIG_PROFILE", raising=False)
-    rec = _Recorder()
-    token = "dapi-test-secret-0123456789"
-    s = load_settings(
-        "databricks",
-        overrides=[
-            f"tracking.databricks_host={rec.url}",
-            f"tracking.token={token}",
-            "tracking.registry_uri=databricks",
-            "tracking.experiment=/Shared/streamscore",
-        ],
-    )
-    import mlflow
-
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    s0 = make_settings()
+    ws = DatabricksWorkspace(s0.tracking.uri)
     try:
-        tracking_uri, _ = configure_mlflow(s)
-        tracker = make_tracker(s, tracking_uri)
-        run_id = tracker.start("db-run", run_params(s), {"streamscore.job": "test"})
-        tracker.log_metrics({"rows_in": 7, "rows_scored": 6}, step=0)
-        tracker.finish("FINISHED")
-    finally:  # set_tracking_uri also sets MLFLOW_TRACKING_URI: put both back for the other tests
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
-    assert run_id == "r1"
-    calls = rec.mlflow_calls()
-    paths = [c[1].split("?")[0] for c in calls]
-    assert "/api/2.0/mlflow/runs/create" in paths and "/api/2.0/mlflow/runs/update" in paths
-    assert all(c[2].get("Authorization") == f"Bearer {token}" for c in calls)
-    assert all(token not in c[3] for c in rec.calls)  # the secret travels only in the header
-    params = [json.loads(c[3]) for c in calls if c[1].endswith("runs/log-batch") and '"params"' in c[3]]
-    logged = {p["key"]: p["value"] for batch in params for p in batch["params"]}
-    assert logged["model.ref"] == "@champion"
-    assert logged["tracking.token"] == "**********" and logged["tracking.databricks_host"] == rec.url
-    metrics = [m for c in calls if c[1].endswith("runs/log-batch") for m in json.loads(c[3]).get("metrics", [])]
-    assert {(m["key"], m["value"], m["step"]) for m in metrics} == {("rows_in", 7.0, 0), ("rows_scored", 6.0, 0)}
-    update = next(json.loads(c[3]) for c in calls if c[1].endswith("runs/update"))
-    assert update["status"] == "FINISHED"
+        s = make_settings(
+            s0.model.name,
+            trigger={"available_now": True},
+            tracking={
+                "uri": "databricks",
+                "databricks_host": ws.url,
+                "token": ws.token,
+                "registry_uri": s0.tracking.uri,
+                "experiment": "/Shared/streamscore",
+            },
+        )
+        train_and_register(s.model.name, "v1", alias="champion")  # the uploader's side, on the registry
+        k = s.source.kafka
+        ensure_topic(k.bootstrap_servers, k.topic)
+        produce_events(k.bootstrap_servers, k.topic, 90, malformed_every=9, prefix="dbx")
+        summary = run_stream(s)
+    finally:
+        ws.stop()
+    out, err = capfd.readouterr()
+    assert summary["status"] == "FINISHED" and (summary["rows_scored"], summary["rows_dead_lettered"]) == (80, 10)
+    assert summary["tracking_uri"] == "databricks"
+
+    calls = ws.mlflow_calls()
+    assert {c.authorization for c in calls} == {f"Bearer {ws.token}"}
+    served = [c for c in ws.calls if c.path.startswith(("/api/2.0/mlflow/", "/api/2.0/fs/files/", "/.well-known/"))]
+    assert served == ws.calls, [c.path for c in ws.calls if c not in served]
+    assert all(ws.token.encode() not in c.body for c in ws.calls)  # the secret travels only in the header
+
+    client = MlflowClient(s0.tracking.uri)
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED" and client.get_experiment(run.info.experiment_id).name == "/Shared/streamscore"
+    params = run.data.params
+    assert params["model.ref"] == "@champion" and params["tracking.databricks_host"] == ws.url
+    assert params["tracking.token"] == "**********"
+    history = client.get_metric_history(summary["run_id"], "rows_dead_lettered")
+    assert sum(m.value for m in history) == 10 and len(history) == summary["batches"]
+    with open(client.download_artifacts(summary["run_id"], "summary.json", str(tmp_path / "dl"))) as f:
+        assert json.load(f)["rows_scored"] == 80
+    assert json.loads(ws.blobs["summary.json"])["run_id"] == summary["run_id"]
+    assert ws.token not in json.dumps([params, run.data.tags]) + out + err
 
 
 @pytest.mark.integration

@@ -1,0 +1,302 @@
+"""Cloud workspaces' MLflow endpoints, emulated on this machine for the real client libraries
+(Azure and Databricks cannot be reached from here). Each is a front in front of a real MLflow
+server: MLflow REST calls are passed on to it (so what a job logged is read back with MLflow's own
+client), run artifact URIs are rewritten to the cloud's form so the client uses the cloud's own
+artifact path, and file uploads land on the real server. Every request is recorded; anything the
+cloud would not answer gets 404, so an unexpected call shows up in ``calls``.
+
+:class:`AzureMLWorkspace`, for the ``azureml-mlflow`` plugin, which
+
+- always speaks HTTPS to the ``azureml://`` URI's host: TLS with a certificate from a test CA made
+  for the test (``REQUESTS_CA_BUNDLE`` points at it);
+- gets its bearer token through ``azure-identity``'s credential chain: a managed identity endpoint
+  (``IDENTITY_ENDPOINT`` + ``IDENTITY_HEADER``, the App Service protocol) issues it for the right
+  header only;
+- calls MLflow under the workspace's scope (``/mlflow/v2.0/subscriptions/...``); MLflow 3's
+  logged-models API answers 404, as Azure ML's does;
+- logs run artifacts through Azure ML's artifact service (``/history/v1.0/.../batch/metadata``
+  hands out a SAS URL) and a blob upload (``azure-storage-blob`` PUT).
+
+:class:`DatabricksWorkspace`, for MLflow's ``databricks`` tracking store (through
+``databricks-sdk``'s configuration): bearer token auth, ``dbfs:/databricks/mlflow-tracking/``
+artifact URIs, uploads through the Files API; the SDK's host metadata probe.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from tests.httpkit import forward, read_body, reply, serve
+
+SCOPE = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.MachineLearningServices/workspaces/{ws}"
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    authorization: str | None
+    body: bytes
+
+
+def make_test_ca(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA made for this test, and a server certificate it signed for localhost / 127.0.0.1:
+    (CA certificate, server certificate, server key) as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    valid = (now - dt.timedelta(minutes=5), now + dt.timedelta(days=1))
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "streamscore test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0])
+        .not_valid_after(valid[1])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0])
+        .not_valid_after(valid[1])
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
+class _MlflowFront:
+    """Records, checks the bearer token, passes MLflow calls on, stores uploads on the real server."""
+
+    server_name = "mlflow-front"
+
+    def __init__(self, upstream: str, tls: tuple[Path, Path] | None = None):
+        up = urlsplit(upstream)
+        self._up = (up.hostname or "127.0.0.1", up.port or 80)
+        self.token = "tok-" + secrets.token_hex(12)  # the only bearer token the API accepts
+        self._sig = "sig-" + secrets.token_hex(8)  # signs the upload URLs handed out
+        self.calls: list[Call] = []
+        self.blobs: dict[str, bytes] = {}  # artifact path in its run -> bytes uploaded
+        self._lock = threading.Lock()
+        front = self
+
+        class Api(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _handle(self) -> None:
+                body = read_body(self)
+                with front._lock:
+                    front.calls.append(Call(self.command, self.path, self.headers.get("Authorization"), body))
+                path = urlsplit(self.path).path
+                if front._open(self, path):  # what the cloud answers without a token
+                    pass
+                elif path.startswith("/upload/"):  # signed URL: no bearer token, as in the clouds
+                    front._upload(self, path, body)
+                elif self.headers.get("Authorization") != f"Bearer {front.token}":
+                    reply(self, 401, {"error_code": "UNAUTHENTICATED", "message": "invalid bearer token"})
+                elif not front._route(self, path, body):
+                    reply(self, 404, {"error_code": "ENDPOINT_NOT_FOUND", "message": f"{path} is not served here"})
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+        self._api = serve(Api, self.server_name, tls=tls)
+        self._scheme = "https" if tls else "http"
+        self.host = f"{'localhost' if tls else '127.0.0.1'}:{self._api.server_address[1]}"
+        self._servers = [self._api]
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+
+    def mlflow_calls(self) -> list[Call]:
+        return [c for c in self.calls if "/api/2.0/mlflow/" in c.path]
+
+    # what a subclass answers: True when it did
+    def _open(self, h: BaseHTTPRequestHandler, path: str) -> bool:
+        return False
+
+    def _route(self, h: BaseHTTPRequestHandler, path: str, body: bytes) -> bool:
+        raise NotImplementedError
+
+    def _artifact_root(self, experiment_id: str, run_id: str) -> str:
+        raise NotImplementedError
+
+    def _pass_mlflow(self, h: BaseHTTPRequestHandler, api_path: str, body: bytes) -> None:
+        status, reason, headers, data = forward(
+            *self._up, h.command, api_path, body or None, {"Content-Type": "application/json"}
+        )
+        data = re.sub(  # runs keep their artifacts in the cloud's store: their URIs say so
+            rb"mlflow-artifacts:/(\w+)/(\w+)/artifacts",
+            lambda m: self._artifact_root(m[1].decode(), m[2].decode()).encode(),
+            data,
+        )
+        reply(h, status, data, {**headers, "Content-Type": "application/json"}, reason)
+
+    def _upload_url(self, experiment_id: str, run_id: str, path: str) -> str:
+        return f"{self._scheme}://{self.host}/upload/{experiment_id}/{run_id}/artifacts/{path}?sig={self._sig}"
+
+    def _upload(self, h: BaseHTTPRequestHandler, path: str, body: bytes) -> None:
+        if parse_qs(urlsplit(h.path).query).get("sig") != [self._sig]:
+            reply(h, 403, {"error": "AuthenticationFailed"})
+            return
+        if h.command != "PUT":
+            reply(h, 405, {"error": f"{h.command} is not an upload"})
+            return
+        self._store(h, unquote(path[len("/upload/") :]), body)
+
+    def _store(self, h: BaseHTTPRequestHandler, rel: str, body: bytes) -> None:
+        """``rel`` = {experiment id}/{run id}/artifacts/{path}: onto the real server."""
+        status, _, _, data = forward(
+            *self._up,
+            "PUT",
+            f"/api/2.0/mlflow-artifacts/artifacts/{rel}",
+            body,
+            {"Content-Type": "application/octet-stream"},
+        )
+        if status != 200:
+            reply(h, 500, {"error": data.decode(errors="replace")})
+            return
+        with self._lock:
+            self.blobs[rel.split("/artifacts/", 1)[1]] = body
+        now = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
+        reply(h, 201, None, {"ETag": f'"0x{secrets.token_hex(8)}"', "Last-Modified": now})
+
+
+class AzureMLWorkspace(_MlflowFront):
+    server_name = "aml-workspace"
+
+    def __init__(self, upstream: str, folder: Path, subscription: str = "00000000-0000-0000-0000-00000000aaaa"):
+        self.scope = SCOPE.format(sub=subscription, rg="rg", ws="ws")
+        self.ca, cert, key = make_test_ca(folder)
+        super().__init__(upstream, tls=(cert, key))
+        self.identity_header = secrets.token_hex(8)
+        self.token_requests: list[dict[str, list[str]]] = []  # query of each token request
+        ws = self
+
+        class Identity(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                query = parse_qs(urlsplit(self.path).query)
+                with ws._lock:
+                    ws.token_requests.append(query)
+                if self.headers.get("X-IDENTITY-HEADER") != ws.identity_header:
+                    reply(self, 401, {"error": "invalid_request", "error_description": "X-IDENTITY-HEADER"})
+                    return
+                reply(
+                    self,
+                    200,
+                    {
+                        "access_token": ws.token,
+                        "expires_on": str(int(time.time()) + 3600),
+                        "resource": query.get("resource", [""])[0],
+                        "token_type": "Bearer",
+                    },
+                )
+
+        self._identity = serve(Identity, "aml-identity")
+        self._servers.append(self._identity)
+
+    def uri(self) -> str:
+        return f"azureml://{self.host}/mlflow/v2.0{self.scope}"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "IDENTITY_ENDPOINT": f"http://127.0.0.1:{self._identity.server_address[1]}/msi/token",
+            "IDENTITY_HEADER": self.identity_header,
+            "REQUESTS_CA_BUNDLE": str(self.ca),
+            "AZUREML_CURRENT_CLOUD": "AzureCloud",  # else the plugin asks Azure for its cloud list
+        }
+
+    def _artifact_root(self, experiment_id: str, run_id: str) -> str:
+        return f"{self.uri()}/experiments/{experiment_id}/runs/{run_id}/artifacts"
+
+    def _route(self, h: BaseHTTPRequestHandler, path: str, body: bytes) -> bool:
+        mlflow_prefix = f"/mlflow/v2.0{self.scope}"
+        if path.startswith(f"{mlflow_prefix}/api/2.0/mlflow/") and "logged-models" not in path:
+            self._pass_mlflow(h, h.path[len(mlflow_prefix) :], body)
+            return True
+        m = re.fullmatch(
+            rf"/history/v1\.0{re.escape(self.scope)}/experiments/([^/]+)/runs/([^/]+)/artifacts/batch/metadata", path
+        )
+        if m and h.command == "POST":  # the artifact service hands out a SAS URL per path
+            exp, run = m[1], m[2]
+            wanted = [p["path"] for p in json.loads(body)["paths"]]
+            where = {"origin": "ExperimentRun", "container": f"dcid.{run}"}
+            info = {p: {"contentUri": self._upload_url(exp, run, p), **where, "path": p} for p in wanted}
+            artifacts = {p: {**where, "path": p} for p in wanted}
+            reply(h, 200, {"artifacts": artifacts, "artifactContentInformation": info, "errors": {}})
+            return True
+        return False
+
+    def _upload(self, h: BaseHTTPRequestHandler, path: str, body: bytes) -> None:
+        if h.headers.get("x-ms-blob-type") != "BlockBlob":
+            reply(h, 400, {"error": "not a block blob upload"})
+            return
+        super()._upload(h, path, body)
+
+
+class DatabricksWorkspace(_MlflowFront):
+    server_name = "databricks-workspace"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def _artifact_root(self, experiment_id: str, run_id: str) -> str:
+        return f"dbfs:/databricks/mlflow-tracking/{experiment_id}/{run_id}/artifacts"
+
+    def _open(self, h: BaseHTTPRequestHandler, path: str) -> bool:
+        if path == "/.well-known/databricks-config":  # the SDK's host metadata probe
+            reply(h, 200, {"oidc_endpoint": f"{self.url}/oidc", "workspace_id": "7001002003004005"})
+            return True
+        return False
+
+    def _route(self, h: BaseHTTPRequestHandler, path: str, body: bytes) -> bool:
+        m = re.fullmatch(r"/api/2\.0/fs/files/WorkspaceInternal/Mlflow/Artifacts/(\w+)/Runs/(\w+)/artifacts/(.+)", path)
+        if m and h.command == "PUT":  # run artifacts go through the Files API
+            self._store(h, f"{m[1]}/{m[2]}/artifacts/{unquote(m[3])}", body)
+            return True
+        if path.startswith("/api/2.0/mlflow/"):
+            self._pass_mlflow(h, h.path, body)
+            return True
+        return False

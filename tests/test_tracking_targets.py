@@ -68,6 +68,36 @@ def test_azureml_uri_is_built_and_the_plugin_resolves_it_offline():
     assert "azureml" in builder.__module__
 
 
+def _stream_through(ws, make_settings, s0, tracking: dict, events: int, malformed_every: int):
+    """A model registered on the real server (``s0``'s), ``events`` sent (every
+    ``malformed_every``-th malformed), one stream run tracking to ``tracking``; then the emulator
+    ``ws`` stops. Returns (summary, settings)."""
+    try:
+        s = make_settings(
+            s0.model.name, trigger={"available_now": True}, tracking={**tracking, "registry_uri": s0.tracking.uri}
+        )
+        train_and_register(s.model.name, "v1", alias="champion")  # the uploader's side, on the registry
+        k = s.source.kafka
+        ensure_topic(k.bootstrap_servers, k.topic)
+        produce_events(k.bootstrap_servers, k.topic, events, malformed_every=malformed_every, prefix="cloud")
+        return run_stream(s), s
+    finally:
+        ws.stop()
+
+
+def _read_back(s0, summary: dict, experiment: str, tmp_path):
+    """The run as the real server behind an emulator holds it, checked against the job's summary."""
+    client = MlflowClient(s0.tracking.uri)
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED" and client.get_experiment(run.info.experiment_id).name == experiment
+    for metric in ("rows_scored", "rows_dead_lettered"):
+        history = client.get_metric_history(summary["run_id"], metric)
+        assert sum(m.value for m in history) == summary[metric] and len(history) == summary["batches"]
+    with open(client.download_artifacts(summary["run_id"], "summary.json", str(tmp_path / "dl"))) as f:
+        assert json.load(f)["rows_scored"] == summary["rows_scored"]
+    return run
+
+
 @pytest.mark.integration
 def test_an_azure_ml_workspace_gets_the_job_run_through_the_azureml_plugin(
     spark, make_settings, tmp_path, monkeypatch, capfd
@@ -85,19 +115,7 @@ def test_an_azure_ml_workspace_gets_the_job_run_through_the_azureml_plugin(
         monkeypatch.delenv(var, raising=False)  # the chain's first links stay out of the way
     for var, value in ws.env().items():
         monkeypatch.setenv(var, value)
-    try:
-        s = make_settings(
-            s0.model.name,
-            trigger={"available_now": True},
-            tracking={"uri": ws.uri(), "registry_uri": s0.tracking.uri, "experiment": "streamscore-aml"},
-        )
-        train_and_register(s.model.name, "v1", alias="champion")  # the uploader's side, on the registry
-        k = s.source.kafka
-        ensure_topic(k.bootstrap_servers, k.topic)
-        produce_events(k.bootstrap_servers, k.topic, 80, malformed_every=10, prefix="aml")
-        summary = run_stream(s)
-    finally:
-        ws.stop()
+    summary, s = _stream_through(ws, make_settings, s0, {"uri": ws.uri(), "experiment": "streamscore-aml"}, 80, 10)
     out, err = capfd.readouterr()
     assert summary["status"] == "FINISHED" and (summary["rows_scored"], summary["rows_dead_lettered"]) == (72, 8)
     assert summary["tracking_uri"] == ws.uri()
@@ -116,15 +134,8 @@ def test_an_azure_ml_workspace_gets_the_job_run_through_the_azureml_plugin(
     assert any(c.path.endswith("/runs/update") for c in calls)
 
     # what the job logged, read back from the server behind the workspace
-    client = MlflowClient(s0.tracking.uri)
-    run = client.get_run(summary["run_id"])
-    assert run.info.status == "FINISHED" and run.data.params["model.name"] == s.model.name
-    assert client.get_experiment(run.info.experiment_id).name == "streamscore-aml"
-    history = client.get_metric_history(summary["run_id"], "rows_scored")
-    assert sum(m.value for m in history) == 72 and len(history) == summary["batches"]
-    assert run.data.metrics["model_version"] == 1
-    with open(client.download_artifacts(summary["run_id"], "summary.json", str(tmp_path / "dl"))) as f:
-        assert json.load(f)["rows_scored"] == 72
+    run = _read_back(s0, summary, "streamscore-aml", tmp_path)
+    assert run.data.params["model.name"] == s.model.name and run.data.metrics["model_version"] == 1
     assert json.loads(ws.blobs["summary.json"])["run_id"] == summary["run_id"]  # uploaded as a blob
 
     # the bearer token is nowhere but in the Authorization header
@@ -162,25 +173,8 @@ def test_a_databricks_workspace_gets_the_job_run_through_the_real_client(
     monkeypatch.delenv("DATABRICKS_CONFIG_PROFILE", raising=False)
     s0 = make_settings()
     ws = DatabricksWorkspace(s0.tracking.uri)
-    try:
-        s = make_settings(
-            s0.model.name,
-            trigger={"available_now": True},
-            tracking={
-                "uri": "databricks",
-                "databricks_host": ws.url,
-                "token": ws.token,
-                "registry_uri": s0.tracking.uri,
-                "experiment": "/Shared/streamscore",
-            },
-        )
-        train_and_register(s.model.name, "v1", alias="champion")  # the uploader's side, on the registry
-        k = s.source.kafka
-        ensure_topic(k.bootstrap_servers, k.topic)
-        produce_events(k.bootstrap_servers, k.topic, 90, malformed_every=9, prefix="dbx")
-        summary = run_stream(s)
-    finally:
-        ws.stop()
+    target = {"uri": "databricks", "databricks_host": ws.url, "token": ws.token, "experiment": "/Shared/streamscore"}
+    summary, _ = _stream_through(ws, make_settings, s0, target, 90, 9)
     out, err = capfd.readouterr()
     assert summary["status"] == "FINISHED" and (summary["rows_scored"], summary["rows_dead_lettered"]) == (80, 10)
     assert summary["tracking_uri"] == "databricks"
@@ -191,16 +185,10 @@ def test_a_databricks_workspace_gets_the_job_run_through_the_real_client(
     assert served == ws.calls, [c.path for c in ws.calls if c not in served]
     assert all(ws.token.encode() not in c.body for c in ws.calls)  # the secret travels only in the header
 
-    client = MlflowClient(s0.tracking.uri)
-    run = client.get_run(summary["run_id"])
-    assert run.info.status == "FINISHED" and client.get_experiment(run.info.experiment_id).name == "/Shared/streamscore"
+    run = _read_back(s0, summary, "/Shared/streamscore", tmp_path)
     params = run.data.params
     assert params["model.ref"] == "@champion" and params["tracking.databricks_host"] == ws.url
     assert params["tracking.token"] == "**********"
-    history = client.get_metric_history(summary["run_id"], "rows_dead_lettered")
-    assert sum(m.value for m in history) == 10 and len(history) == summary["batches"]
-    with open(client.download_artifacts(summary["run_id"], "summary.json", str(tmp_path / "dl"))) as f:
-        assert json.load(f)["rows_scored"] == 80
     assert json.loads(ws.blobs["summary.json"])["run_id"] == summary["run_id"]
     assert ws.token not in json.dumps([params, run.data.tags]) + out + err
 

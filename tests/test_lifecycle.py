@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -108,11 +109,13 @@ def test_sigterm_stops_a_stream_running_on_a_cluster_after_its_batch(spark, make
     assert (model.predict(out[FEATURES]) == out["prediction"].to_numpy()).all()
 
 
-def test_sigterm_under_sustained_load_stops_promptly_and_loses_nothing(spark, make_settings, tmp_path):
-    """Batches back to back (events keep coming, 0.5 s trigger): the query is never seen between
-    triggers, so SIGTERM halts it before its next batch reads anything. The job ends KILLED within
-    a batch or two; the events of the halted batch are read by the next run on the checkpoint:
-    every event sent ends up in the output table exactly once."""
+def test_ctrl_c_under_sustained_load_stops_promptly_and_loses_nothing(spark, make_settings, tmp_path):
+    """Ctrl-C in the job's terminal: SIGINT to its whole process group (the driver, the JVM and the
+    Python workers scoring a batch), while batches run back to back (events keep coming, 0.5 s
+    trigger). The query is never seen between triggers, so the job halts it before its next batch
+    reads anything; a worker interrupted mid-batch must not fail the job. It ends KILLED within a
+    batch or two; the events of the halted batch are read by the next run on the checkpoint: every
+    event sent ends up in the output table exactly once."""
     import threading
 
     s = make_settings(trigger={"available_now": True})
@@ -129,20 +132,23 @@ def test_sigterm_under_sustained_load_stops_promptly_and_loses_nothing(spark, ma
     producer.start()
     stderr_file = tmp_path / "stderr.txt"
     args = stream_command(s, tmp_path / "home", trigger__processing_time="500 milliseconds")
-    with open(stderr_file, "w") as err:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, env=dict(os.environ))
+    with open(stderr_file, "w") as err:  # a session of its own: the group a terminal's Ctrl-C reaches
+        proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=err, text=True, env=dict(os.environ), start_new_session=True
+        )
     try:
         batches = re.compile(r"batch (\d+): \d+ in")
         wait_for(
             lambda: len(batches.findall(stderr_file.read_text())) >= 4 or proc.poll() is not None, 240, what="batches"
         )
         assert proc.poll() is None, stderr_file.read_text()[-3000:]
-        proc.send_signal(signal.SIGTERM)
+        time.sleep(1.5)  # into the next batch: its Python workers are scoring (a batch takes ~3 s here)
+        os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=90)  # not "after the load stops": the load does not stop
     finally:
         halt.set()
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
     producer.join(timeout=60)
     assert proc.returncode == 0, stderr_file.read_text()[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])

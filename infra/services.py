@@ -356,6 +356,9 @@ class MlflowService(Service):
         # the server caches the webhook list per event (60 s by default): a webhook registered by a
         # starting stream would miss alias moves for up to a minute
         env.setdefault("MLFLOW_WEBHOOK_CACHE_TTL", "1")
+        # MLflow 3.15's server also starts a job runner (8 Python processes, ~2.4 GB resident here)
+        # for server-side GenAI jobs the project never submits
+        env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
         return env
 
     def healthy(self) -> bool:

@@ -137,14 +137,62 @@ ModelRefText = Annotated[str, BeforeValidator(_version_number_as_text), AfterVal
 DEFAULT_LOADERS = ("mlflow.sklearn", "mlflow.xgboost", "mlflow.lightgbm", "mlflow.onnx", "mlflow.pyfunc.model")
 
 
+DEFAULT_MODEL_NAME = "streamscore-iris"
+
+
 class ModelSettings(_Section):
-    name: str = "streamscore-iris"
-    ref: ModelRefText = "@champion"
+    name: str = DEFAULT_MODEL_NAME
+    ref: ModelRefText = "@champion"  # also models:/<name>@<alias> and models:/<name>/<version> (they set the name)
     # the loading policy, checked on the version's MLmodel file before any of its code runs
     allowed_loaders: list[str] = Field(default_factory=lambda: list(DEFAULT_LOADERS))
     allow_pickle: bool = False  # versions whose loading unpickles objects or imports code they ship
     trusted_types: list[str] = Field(default_factory=lambda: ["sklearn."])  # skops trusted-type prefixes
     allowed_names: list[str] | None = None  # registered model names this job may load (None: any)
+    # the input columns (name -> MLflow type) of a model logged without an input signature, or the
+    # path of a YAML/JSON file holding that mapping
+    input_schema: dict[str, str] | None = None
+
+    @field_validator("input_schema", mode="before")
+    @classmethod
+    def _schema_file(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        try:
+            loaded = yaml.safe_load(Path(v).expanduser().read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"cannot read the input schema file {v!r}: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"the input schema file {v!r} must hold a mapping of column name to type")
+        return {str(k): str(t) for k, t in loaded.items()}
+
+    @field_validator("input_schema")
+    @classmethod
+    def _schema_types(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        from streamscore.scoring.spec import SUPPORTED_TYPES
+
+        if v is not None:
+            bad = {k: t for k, t in v.items() if str(t).lower() not in SUPPORTED_TYPES}
+            if bad:
+                raise ValueError(f"unsupported column type(s) {bad}: use one of {', '.join(SUPPORTED_TYPES)}")
+            v = {k: str(t).lower() for k, t in v.items()}
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ref_uri(cls, data: Any) -> Any:
+        """``ref: models:/fraud@champion`` (as MLflow writes model URIs) names the model too."""
+        if not isinstance(data, dict) or not str(data.get("ref") or "").startswith("models:/"):
+            return data
+        from streamscore.registry_watch.resolve import ModelRef
+
+        try:
+            name, ref = ModelRef.parse_uri(str(data["ref"]))
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix("model.ref: ")) from None
+        given = data.get("name")
+        if given not in (None, DEFAULT_MODEL_NAME, name):
+            raise ValueError(f"ref {data['ref']!r} names model {name!r} but model.name is {given!r}; set only one")
+        return {**data, "name": name, "ref": str(ref)}
 
     @model_validator(mode="after")
     def _name_allowed(self) -> ModelSettings:
@@ -302,6 +350,15 @@ class Settings(BaseSettings):
             k: v for k, v in env_vars.items() if not k.lower().endswith(FILE_SUFFIX.lower())
         }
         return (_CliSource(settings_cls), env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _unity_catalog_ref(self) -> Settings:
+        from streamscore.registry_watch.resolve import ModelRef, check_uc_ref, is_unity_catalog
+
+        t = self.tracking
+        if is_unity_catalog(t.registry_uri or t.uri):
+            check_uc_ref(ModelRef.parse(self.model.ref), self.model.name)
+        return self
 
     # -- derived values -------------------------------------------------------------------------
     @property

@@ -8,10 +8,13 @@ a backfill (one entry point, :meth:`ValidationGate.admit`).
    (:mod:`~streamscore.registry_watch.policy`: loader module, no pickles or shipped code unless
    allowed) and its input signature is compatible with the stream's schema (and it predicts the
    same type); only then is it loaded;
-4. it scores a sample through the real Spark UDF without error: recent valid input rows of the
-   stream when there are some, else the version's own input example. Running the sample through
-   Spark also warms the Python workers' model cache, so the first batch after the swap does not
-   pay for loading.
+4. it scores a sample through the real Spark UDF without error. The sample is the first of: recent
+   valid input rows of the stream, the version's own input example, the newest events of the
+   source that parse, rows built from the signature's types (so a fresh stream starts on any
+   version whose signature fits); a refusal says which it was. A version logged without an output
+   signature gets its outputs from its predictions on that sample (logged as an assumption).
+   Running the sample through Spark also warms the Python workers' model cache, so the first batch
+   after the swap does not pay for loading.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +33,7 @@ from streamscore.deadline import run_within
 from streamscore.errors import GateRefused, RegistryError, SignatureError
 from streamscore.registry_watch.policy import LoadingPolicy
 from streamscore.registry_watch.resolve import ModelRef, materialize, resolve_version
-from streamscore.scoring.spec import InputSpec, compatible, spec_from_signature
+from streamscore.scoring.spec import InputSpec, Output, compatible, outputs_from_schema, spec_from_signature
 from streamscore.scoring.udf import ModelHandle, load_model
 
 if TYPE_CHECKING:
@@ -68,6 +71,8 @@ class ValidationGate:
         download_timeout_s: float = 600.0,
         partitions: int = 1,
         policy: LoadingPolicy | None = None,
+        input_schema: Mapping[str, str] | None = None,
+        source_sample: Callable[[int], list[str]] | None = None,
     ):
         self.client = client
         self.model_name = model_name
@@ -83,6 +88,8 @@ class ValidationGate:
         self.download_timeout_s = download_timeout_s
         self.partitions = partitions
         self.policy = policy
+        self.input_schema = input_schema
+        self.source_sample = source_sample
 
     def admit(self, ref: ModelRef, stream_spec: InputSpec | None, resolved: ModelVersion | None = None) -> GateResult:
         """Resolve ``ref`` (unless the caller already did: ``resolved``) and validate the version.
@@ -112,9 +119,16 @@ class ValidationGate:
         try:
             from mlflow.models import Model
 
-            signature = Model.load(handle.local_path).signature
+            meta = Model.load(handle.local_path)
+            predict_fn = (meta.flavors.get("python_function") or {}).get("predict_fn")
             spec = spec_from_signature(
-                signature, self.event_id_field, self.event_time_field, label, self.max_message_bytes
+                meta.signature,
+                self.event_id_field,
+                self.event_time_field,
+                label,
+                self.max_message_bytes,
+                input_schema=self.input_schema,
+                predict_fn=predict_fn,
             )
             if stream_spec is not None:
                 compatible(stream_spec, spec, label)
@@ -126,13 +140,19 @@ class ValidationGate:
             model = load_model(handle)
         except Exception as e:  # any load failure refuses the candidate
             raise GateRefused(version, f"does not load: {type(e).__name__}: {e}") from e
+        sample, origin = self._sample(model, stream_spec or spec)
+        if spec.outputs is None:  # no output signature: what it predicts on the sample fixes its columns
+            spec = replace(spec, outputs=self._outputs_from_sample(model, spec, sample, origin, version, label))
+            if stream_spec is not None:
+                try:
+                    compatible(stream_spec, spec, label)
+                except SignatureError as e:
+                    raise GateRefused(version, str(e)) from None
         serving_spec = stream_spec or spec
-        sample = self._sample(model, serving_spec)
-        if not sample:
-            raise GateRefused(version, "no sample to score: no recent input and no input example logged with the model")
+        handle = replace(handle, classes=_class_labels(model, serving_spec))
         # the stream's first version: no batch runs yet, so every core scores the sample, which also
         # starts and warms each Python worker (imports, model load) before the first batch needs it
-        self._score_sample(handle, serving_spec, sample, version, all_cores=stream_spec is None)
+        self._score_sample(handle, serving_spec, sample, version, origin, all_cores=stream_spec is None)
         return GateResult(handle, serving_spec, len(sample), time.time() - t0)
 
     @staticmethod
@@ -172,14 +192,26 @@ class ValidationGate:
             missing = "missing" if have is None else repr(have)
             raise GateRefused(str(mv.version), f"required tag {key}={want} is {missing}")
 
-    def _sample(self, model: Any, spec: InputSpec) -> list[str]:
+    def _sample(self, model: Any, spec: InputSpec) -> tuple[list[str], str]:
+        """The rows the version is tried on, and where they came from (named in a refusal)."""
         if self.recent_sample is not None:
             recent = self.recent_sample()[: self.sample_rows]
             if recent:
-                return recent
+                return recent, "recent input of the stream"
         example = getattr(model, "input_example", None)
-        if example is None:
-            return []
+        if example is not None:
+            return self._example_rows(example, spec), "the input example logged with the model"
+        if self.source_sample is not None:
+            try:
+                newest = _parsable(self.source_sample(self.sample_rows), spec)
+            except Exception as e:  # noqa: BLE001 - the source is tried, the next kind of sample is used
+                log.warning("could not read a sample from the source: %s: %s", type(e).__name__, e)
+                newest = []
+            if newest:
+                return newest[: self.sample_rows], "the newest events of the source"
+        return synthetic_rows(spec, min(self.sample_rows, 3)), "rows built from the signature's types"
+
+    def _example_rows(self, example: Any, spec: InputSpec) -> list[str]:
         import pandas as pd
 
         frame = example if isinstance(example, pd.DataFrame) else pd.DataFrame(example)
@@ -190,6 +222,38 @@ class ValidationGate:
             rec[spec.event_time_field] = "2000-01-01T00:00:00Z"
             rows.append(orjson.dumps(rec).decode())
         return rows
+
+    def _outputs_from_sample(
+        self, model: Any, spec: InputSpec, sample: list[str], origin: str, version: str, label: str
+    ) -> tuple[Output, ...]:
+        """The outputs of a version logged without an output signature: inferred (as MLflow's
+        ``infer_signature`` would) from its predictions on the sample, on the driver."""
+        import pandas as pd
+        from mlflow.models import infer_signature
+
+        from streamscore.scoring.records import score_chunk
+
+        parsed = score_chunk(pd.Series(sample), spec, None)
+        frame = parsed[parsed["ok"]][spec.feature_names].reset_index(drop=True)
+        if frame.empty:
+            raise GateRefused(version, f"no row of the sample ({origin}) parses, so its outputs cannot be inferred")
+        try:
+            predicted = model.predict(frame)
+            outputs = outputs_from_schema(infer_signature(frame, predicted).outputs, label, None, spec.features)
+        except SignatureError as e:
+            raise GateRefused(version, str(e)) from None
+        except Exception as e:
+            raise GateRefused(
+                version, f"scoring the {len(frame)}-row sample ({origin}) failed: {type(e).__name__}: {e}"
+            ) from e
+        log.warning(
+            "%s has no output signature: assuming the output column(s) %s from its predictions on %d rows (%s)",
+            label,
+            ", ".join(map(str, outputs)),
+            len(frame),
+            origin,
+        )
+        return outputs
 
     def _collect_within_limit(self, df: Any, version: str) -> list[Any]:
         """``df.collect()`` in a Spark job group that is cancelled (tasks interrupted, a hanging
@@ -212,7 +276,13 @@ class ValidationGate:
         return outcome.result()
 
     def _score_sample(
-        self, handle: ModelHandle, spec: InputSpec, sample: list[str], version: str, all_cores: bool = False
+        self,
+        handle: ModelHandle,
+        spec: InputSpec,
+        sample: list[str],
+        version: str,
+        origin: str,
+        all_cores: bool = False,
     ) -> None:
         n = len(sample)
         if self.spark is None:
@@ -237,7 +307,64 @@ class ValidationGate:
                 raise
             except Exception as e:  # e.g. the model kills its Python worker
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                raise GateRefused(version, f"scoring the sample failed: {type(e).__name__}: {first[:500]}") from e
+                raise GateRefused(
+                    version, f"scoring the sample ({origin}) failed: {type(e).__name__}: {first[:500]}"
+                ) from e
             reasons = [r.reason for r in rows if not r.ok]
         if reasons:
-            raise GateRefused(version, f"scoring the {n}-row sample failed: {reasons[0]}")
+            raise GateRefused(version, f"scoring the {n}-row sample ({origin}) failed: {reasons[0]}")
+
+
+def _parsable(values: list[str], spec: InputSpec) -> list[str]:
+    """The events among ``values`` that parse and validate (a malformed event of the source is not
+    a reason to refuse a version)."""
+    if not values:
+        return []
+    import pandas as pd
+
+    from streamscore.scoring.records import parse_chunk
+
+    reasons = parse_chunk(pd.Series(values), spec)[0]
+    return [v for v, r in zip(values, reasons, strict=True) if r is None]
+
+
+_SYNTHETIC: dict[str, float | int | str | bool] = {
+    "double": 0.5,
+    "float": 0.5,
+    "long": 1,
+    "integer": 1,
+    "string": "a",
+    "boolean": False,
+}
+
+
+def synthetic_rows(spec: InputSpec, n: int) -> list[str]:
+    """``n`` events built from the input types (numbers 0.5, 1.5, ...; strings "a", "b", ...)."""
+    rows = []
+    for i in range(max(n, 1)):
+        rec: dict[str, Any] = {
+            spec.event_id_field: f"gate-synthetic-{i}",
+            spec.event_time_field: "2000-01-01T00:00:00Z",
+        }
+        for f in spec.features:
+            base = _SYNTHETIC[f.type]
+            if isinstance(base, bool):
+                rec[f.name] = bool(i % 2)
+            elif isinstance(base, str):
+                rec[f.name] = chr(ord("a") + i % 26)
+            elif isinstance(base, (int, float)):
+                rec[f.name] = base + i
+        rows.append(orjson.dumps(rec).decode())
+    return rows
+
+
+def _class_labels(model: Any, spec: InputSpec) -> tuple[str, ...] | None:
+    """The classes a ``probabilities`` output's positions stand for (scikit-learn's ``classes_``)."""
+    if not any(o.name == "probabilities" and o.array for o in spec.output_list):
+        return None
+    try:
+        raw = model.get_raw_model() if hasattr(model, "get_raw_model") else model
+    except Exception:  # noqa: BLE001 - a pyfunc without a raw model: the positions stay unnamed
+        return None
+    classes = getattr(raw, "classes_", None)
+    return None if classes is None else tuple(str(c.item() if hasattr(c, "item") else c) for c in classes)

@@ -2,6 +2,9 @@
 
 A reference is one of: ``@alias`` (``@champion``), ``stage:<Stage>`` (legacy stages such as
 ``stage:Production``), ``latest`` (highest version number), or a pinned version number (``3``).
+MLflow's model URIs ``models:/<name>@<alias>`` and ``models:/<name>/<version>`` say the same with
+the name (:meth:`ModelRef.parse_uri`). A Unity Catalog registry (``databricks-uc``) has no stages
+and reserves ``latest``: :func:`check_uc_ref` refuses those at start.
 """
 
 from __future__ import annotations
@@ -45,9 +48,45 @@ class ModelRef:
             f"model.ref: {text!r} is not a model reference (use @alias, stage:<Stage>, latest or a version number)"
         )
 
+    @classmethod
+    def parse_uri(cls, uri: str) -> tuple[str, ModelRef]:
+        """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> (name, reference)."""
+        body = uri.strip()[len("models:/") :].strip("/")
+        if "@" in body:
+            name, _, alias = body.rpartition("@")
+            if name and alias and "/" not in name:
+                return name, cls("alias", alias)
+        else:
+            name, _, rest = body.partition("/")
+            if name and rest.isdigit():
+                return name, cls("version", rest)
+            if name and rest:
+                return name, cls.parse(f"stage:{rest}" if rest.lower() != "latest" else "latest")
+        raise ConfigError(f"model.ref: {uri!r} is not a model URI (models:/<name>@<alias> or models:/<name>/<version>)")
+
     def __str__(self) -> str:
         return {"alias": f"@{self.value}", "stage": f"stage:{self.value}", "latest": "latest"}.get(
             self.kind, self.value
+        )
+
+
+def is_unity_catalog(registry_uri: str | None) -> bool:
+    return str(registry_uri or "").split("://")[0] == "databricks-uc"
+
+
+def check_uc_ref(ref: ModelRef, name: str) -> None:
+    """Unity Catalog has no stages and no ``latest``; it reserves the alias ``latest`` too. Raises
+    :class:`ConfigError` with the fix, so such a job stops at start instead of on a 4xx later."""
+    why = {
+        "stage": f"Unity Catalog models have no stages ({ref} is a legacy workspace-registry reference)",
+        "latest": "Unity Catalog has no 'latest' reference (its registry reserves the name)",
+    }.get(ref.kind)
+    if ref.kind == "alias" and ref.value.lower() == "latest":
+        why = "Unity Catalog reserves the alias 'latest'"
+    if why:
+        raise ConfigError(
+            f"model.ref: {why}; use an alias (@champion) or a version number for {name!r} "
+            "(or set tracking.registry_uri to a workspace registry)"
         )
 
 

@@ -123,6 +123,46 @@ def read_delta_table(
     return _delta_columns(df, path)
 
 
+def newest_kafka_values(conf: dict[str, Any], topic: str, n: int, timeout_s: float) -> list[str]:
+    """Up to ``n`` of the newest messages of ``topic`` (read with a consumer of its own, no group
+    offsets committed), as text: the gate's sample when the stream has nothing scored yet."""
+    import time
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({**conf, "group.id": "streamscore-gate-sample", "enable.auto.commit": False})
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return []
+        assigned, want = [], 0
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+            if high > low:
+                start = max(low, high - n)
+                assigned.append(TopicPartition(topic, p, start))
+                want += high - start
+        if not assigned:
+            return []
+        consumer.assign(assigned)
+        values: list[str] = []
+        deadline = time.monotonic() + timeout_s
+        while len(values) < want and time.monotonic() < deadline:
+            for msg in consumer.consume(min(want - len(values), 500), timeout=1.0):
+                value = msg.value() if msg.error() is None else None
+                if value is not None:
+                    values.append(value.decode("utf-8", errors="replace"))
+        return values[-n:]
+    finally:
+        consumer.close()
+
+
+def newest_delta_values(spark: SparkSession, path: str, n: int) -> list[str]:
+    """Up to ``n`` rows of a Delta source table as the JSON events the stream makes of them."""
+    rows = _delta_columns(spark.read.format("delta").load(path), path).limit(n).collect()
+    return [r[VALUE] for r in rows]
+
+
 def checkpoint_exists(spark: SparkSession, path: str) -> bool | None:
     """Whether a streaming checkpoint is already at ``path`` (any Hadoop file system URI); None
     when this session cannot tell (no JVM access, e.g. Spark Connect)."""

@@ -1,7 +1,7 @@
 """Parse, validate and score one chunk of raw JSON events (pure pandas; runs inside the Spark UDF).
 
 Every input row yields exactly one output row: either ``ok=True`` with the typed features and the
-prediction, or ``ok=False`` with a ``reason`` that names the field and the problem. Nothing is
+outputs, or ``ok=False`` with a ``reason`` that names the field and the problem. Nothing is
 dropped, so rows in = rows scored + rows dead-lettered holds per chunk and therefore per batch.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from streamscore.scoring.spec import InputSpec
+from streamscore.scoring.spec import InputSpec, Output
 
 _NUMPY = {"double": "float64", "float": "float32", "long": "int64", "integer": "int32", "boolean": "bool"}
 _MAX_EPOCH_MS = 9.2e12
@@ -161,7 +161,8 @@ def _parse_times(times: list[Any], reasons: list[str | None], time_field: str) -
 
 def score_chunk(values: pd.Series, spec: InputSpec, model: Any, label: str = "the model") -> pd.DataFrame:
     """Parse + validate + predict. ``model`` is anything with ``predict(pandas.DataFrame)``;
-    ``label`` names it in the reasons of rows it could not score."""
+    ``label`` names it in the reasons of rows it could not score. With ``model`` None the chunk is
+    parsed and validated only (no output columns): a model applied outside Python scores it."""
     reasons, ids, times, cols = parse_chunk(values, spec)
     event_time = _parse_times(times, reasons, spec.event_time_field)
     ok = np.array([r is None for r in reasons], dtype=bool)
@@ -178,15 +179,17 @@ def score_chunk(values: pd.Series, spec: InputSpec, model: Any, label: str = "th
         else:
             features[f.name] = pd.Series(full, dtype="object")
     feat_df = pd.DataFrame(features, index=range(n))
-    preds = None
-    if len(valid_idx):
+    preds: dict[str, np.ndarray] | None = None
+    if model is not None and len(valid_idx):
         preds, valid_idx = _predict(
             model, feat_df.iloc[valid_idx].reset_index(drop=True), valid_idx, spec, label, reasons, ok
         )
     out = pd.DataFrame({"ok": ok, "reason": reasons, "event_id": ids, "event_time": event_time})
     for f in spec.features:
         out[f.name] = feat_df[f.name]
-    out["prediction"] = _prediction_column(preds, valid_idx, n, spec.prediction_type)
+    if model is not None:
+        for o in spec.output_list:
+            out[o.name] = _output_column(None if preds is None else preds[o.name], valid_idx, n, o)
     return out
 
 
@@ -198,19 +201,21 @@ def _predict(
     label: str,
     reasons: list[str | None],
     ok: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Predict the valid rows; rows the model fails on, or gives no usable value for, are marked not
-    ok with the reason. Returns the usable predictions and the rows they belong to."""
-    raw, problems = _Isolating(model, label).run(frame)
-    preds = _check_predictions(raw, spec.prediction_type, problems)
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Predict the valid rows; rows the model fails on, or gives no usable value for (in any of its
+    outputs), are marked not ok with the reason. Returns each output's usable values and the rows
+    they belong to."""
+    outputs = spec.output_list
+    raw, problems = _Isolating(model, label, outputs).run(frame)
+    checked = {o.name: _check_output(raw[o.name], o, problems, len(outputs) > 1) for o in outputs}
     failed = np.array([p is not None for p in problems], dtype=bool)
     if not failed.any():
-        return preds, valid_idx
+        return checked, valid_idx
     for j in np.flatnonzero(failed):
         problem = problems[j] or ""
         reasons[valid_idx[j]] = problem if problem.startswith("model error") else f"model error: {problem} ({label})"
         ok[valid_idx[j]] = False
-    return np.asarray(preds)[~failed], valid_idx[~failed]
+    return {k: np.asarray(v)[~failed] for k, v in checked.items()}, valid_idx[~failed]
 
 
 # Predicting a chunk, row-level: a model that fails or returns a bad value for some rows costs
@@ -229,31 +234,38 @@ class _Isolating:
     are isolated or :data:`MAX_PREDICT_CALLS` calls are spent (the rest of the piece then shares
     the error)."""
 
-    def __init__(self, model: Any, label: str):
-        self.model, self.label, self.calls = model, label, 0
+    def __init__(self, model: Any, label: str, outputs: tuple[Output, ...]):
+        self.model, self.label, self.outputs, self.calls = model, label, outputs, 0
         self.last_error = f"model error ({label})"
 
-    def run(self, frame: pd.DataFrame) -> tuple[np.ndarray, list[str | None]]:
+    def run(self, frame: pd.DataFrame) -> tuple[dict[str, np.ndarray], list[str | None]]:
+        """Each output's values (aligned with ``frame``; None where a row failed) and each row's problem."""
         n = len(frame)
         problems: list[str | None] = [None] * n
-        pieces: list[tuple[int, np.ndarray]] = []
+        pieces: list[tuple[int, dict[str, np.ndarray]]] = []
         self._solve(frame, 0, problems, pieces)
-        if len(pieces) == 1 and len(pieces[0][1]) == n:
+        if len(pieces) == 1 and len(next(iter(pieces[0][1].values()))) == n:
             return pieces[0][1], problems
-        out = np.full(n, None, dtype=object)
-        for start, preds in pieces:
-            out[start : start + len(preds)] = list(preds)
-        return out, problems
+        merged = {}
+        for o in self.outputs:
+            out = np.full(n, None, dtype=object)
+            for start, preds in pieces:
+                values = preds[o.name]
+                for j in range(len(values)):
+                    out[start + j] = values[j]
+            merged[o.name] = out
+        return merged, problems
 
-    def _call(self, frame: pd.DataFrame) -> np.ndarray:
+    def _call(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
         self.calls += 1
-        preds = _first_column(self.model.predict(frame))
-        if len(preds) != len(frame):
-            raise ValueError(f"returned {len(preds)} predictions for {len(frame)} rows")
-        return preds
+        return extract_outputs(self.model.predict(frame), self.outputs, len(frame))
 
     def _solve(
-        self, frame: pd.DataFrame, start: int, problems: list[str | None], pieces: list[tuple[int, np.ndarray]]
+        self,
+        frame: pd.DataFrame,
+        start: int,
+        problems: list[str | None],
+        pieces: list[tuple[int, dict[str, np.ndarray]]],
     ) -> None:
         n = len(frame)
         if self.calls >= MAX_PREDICT_CALLS:  # out of budget: the piece shares the last error
@@ -330,13 +342,122 @@ def _one_prediction(v: Any, kind: str) -> tuple[Any, str | None]:
     return None, f"prediction of type {type(v).__name__} is not a string"
 
 
-def _first_column(preds: Any) -> np.ndarray:
-    if isinstance(preds, pd.DataFrame):
-        preds = preds.iloc[:, 0]
-    arr = np.asarray(preds)
-    if arr.ndim > 1:
+def extract_outputs(raw: Any, outputs: tuple[Output, ...], n: int) -> dict[str, np.ndarray]:
+    """Each output's ``n`` values from what ``predict`` returned; raises ValueError when the result
+    does not have the shape the outputs promise (a wrong number of rows, a missing named output,
+    several values per row for a scalar output): never a plausible column taken from the wrong place."""
+    if len(outputs) == 1 and outputs[0].key is None:
+        o = outputs[0]
+        return {o.name: _sized(_one_output(raw, o), n, o)}
+    if isinstance(raw, pd.DataFrame):
+        have = {str(c): raw[c] for c in raw.columns}
+    elif isinstance(raw, dict):
+        have = {str(k): v for k, v in raw.items()}
+    else:
+        names = ", ".join(repr(o.key) for o in outputs)
+        raise ValueError(f"returned a {type(raw).__name__}, not the named outputs {names} its signature promises")
+    found = {}
+    for o in outputs:
+        if o.key not in have:
+            raise ValueError(f"returned no output {o.key!r} (it returned {', '.join(map(repr, have)) or 'none'})")
+        found[o.name] = _sized(_one_output(have[str(o.key)], o), n, o)
+    return found
+
+
+def _one_output(raw: Any, o: Output) -> np.ndarray:
+    if isinstance(raw, pd.DataFrame):
+        if o.array:
+            return raw.to_numpy()
+        if raw.shape[1] != 1:
+            raise ValueError(f"returned {raw.shape[1]} columns for the one output {o}")
+        raw = raw.iloc[:, 0]
+    if o.array and isinstance(raw, (list, tuple, pd.Series)) and not isinstance(raw, np.ndarray):
+        items = list(raw)
+        try:
+            arr = np.asarray(items)
+        except ValueError:  # rows of different lengths: checked row by row
+            arr = np.empty(len(items), dtype=object)
+            for i, v in enumerate(items):
+                arr[i] = v
+        if arr.ndim == 2 or arr.dtype == object:
+            return arr
+    arr = np.asarray(raw)
+    if o.array:
+        if arr.ndim != 2 and arr.dtype != object:
+            raise ValueError(f"returned a {arr.ndim}-dimensional result for the array output {o}")
+        return arr
+    if arr.ndim == 2:
+        if arr.shape[1] != 1:
+            raise ValueError(
+                f"returned {arr.shape[1]} values per row for the one output {o}: the model's output signature "
+                "promises one (log the model with the signature of what it predicts)"
+            )
         arr = arr[:, 0]
+    elif arr.ndim > 2:
+        raise ValueError(f"returned a {arr.ndim}-dimensional result for the output {o}")
     return arr
+
+
+def _sized(arr: np.ndarray, n: int, o: Output) -> np.ndarray:
+    if len(arr) != n:
+        what = "predictions" if o.name == "prediction" else f"values of output {o.name!r}"
+        raise ValueError(f"returned {len(arr)} {what} for {n} rows")
+    return arr
+
+
+def _check_output(values: np.ndarray, o: Output, problems: list[str | None], named: bool) -> np.ndarray:
+    """One output's values checked row by row (see :func:`_check_predictions`); the problems of a
+    model with several outputs name the output."""
+    own: list[str | None] = [None] * len(values)
+    checked = _check_array(values, o, own) if o.array else _check_predictions(values, o.type, own)
+    for j, p in enumerate(own):
+        if p is not None and problems[j] is None:
+            problems[j] = f"output {o.name!r}: {p}" if named or o.array else p
+    return checked
+
+
+def _check_array(values: np.ndarray, o: Output, problems: list[str | None]) -> np.ndarray:
+    """Array outputs: a 2-D numeric array of the right width passes whole; anything else is read
+    row by row (each row a sequence of ``o.length`` values of ``o.type``)."""
+    n = len(values)
+    if values.ndim == 2 and values.dtype != object:
+        if o.length is not None and values.shape[1] != o.length:
+            problems[:] = [f"{values.shape[1]} values, expected {o.length}"] * n
+            return np.full(n, None, dtype=object)
+        fast = {"double": "iuf", "float": "iuf", "long": "iu", "integer": "iu", "boolean": "b", "string": "U"}
+        if values.dtype.kind in fast[o.type] and not (o.type == "integer" and values.dtype.itemsize > 4):
+            return values
+    out = np.full(n, None, dtype=object)
+    for i in range(n):
+        row = values[i]
+        if row is None or isinstance(row, (str, bytes)) or not hasattr(row, "__len__"):
+            problems[i] = f"expected a list of {o.type} values, got {type(row).__name__}"
+            continue
+        items = list(row)
+        if o.length is not None and len(items) != o.length:
+            problems[i] = f"{len(items)} values, expected {o.length}"
+            continue
+        converted = []
+        for v in items:
+            value, why = _one_prediction(v, o.type)
+            if why:
+                problems[i] = f"element {why}"
+                break
+            converted.append(value)
+        else:
+            out[i] = converted
+    return out
+
+
+def _output_column(values: np.ndarray | None, valid_idx: np.ndarray, n: int, o: Output) -> Any:
+    if not o.array:
+        return _prediction_column(values, valid_idx, n, o.type)
+    column = np.full(n, None, dtype=object)
+    if values is not None:
+        dtype = _NUMPY.get(o.type)
+        for j, i in enumerate(valid_idx):
+            column[i] = np.asarray(values[j], dtype=dtype) if dtype else [str(v) for v in values[j]]
+    return column
 
 
 def _prediction_column(preds: np.ndarray | None, valid_idx: np.ndarray, n: int, kind: str) -> Any:

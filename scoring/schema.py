@@ -3,7 +3,8 @@
 * :data:`COORDINATES`: where an input record came from (topic or table, partition, offset, time);
   every source yields ``value`` (the raw payload) plus these columns;
 * :data:`LINEAGE`: which model version scored a row, when, in which micro-batch;
-* :func:`result_schema`: the struct the scoring UDF returns for each input row;
+* :func:`result_schema`: the struct the scoring UDF returns for each input row (one column per
+  model output: :func:`output_fields`);
 * :func:`output_schema`: the scored-rows table; :data:`DEAD_LETTER`: the dead-letter table;
 * :data:`BACKFILL_ID`: the column that names a backfill run's slice of its tables.
 """
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 from pyspark.sql.types import (
+    ArrayType,
     BooleanType,
     DataType,
     DoubleType,
@@ -23,7 +25,7 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-from streamscore.scoring.spec import InputSpec
+from streamscore.scoring.spec import InputSpec, Output
 
 # MLflow ColSpec type name -> Spark type
 SPARK_TYPES: dict[str, DataType] = {
@@ -81,8 +83,14 @@ def feature_fields(spec: InputSpec) -> list[StructField]:
     return [StructField(f.name, SPARK_TYPES[f.type]) for f in spec.features]
 
 
-def prediction_field(spec: InputSpec) -> StructField:
-    return StructField("prediction", SPARK_TYPES[spec.prediction_type])
+def output_type(output: Output) -> DataType:
+    t = SPARK_TYPES[output.type]
+    return ArrayType(t) if output.array else t
+
+
+def output_fields(spec: InputSpec) -> list[StructField]:
+    """One column per model output (``prediction``, ``probabilities``, or the model's own names)."""
+    return [StructField(o.name, output_type(o)) for o in spec.output_list]
 
 
 def result_schema(spec: InputSpec) -> StructType:
@@ -93,15 +101,15 @@ def result_schema(spec: InputSpec) -> StructType:
             StructField("reason", StringType()),
             *EVENT.fields,
             *feature_fields(spec),
-            prediction_field(spec),
+            *output_fields(spec),
         ]
     )
 
 
 def output_schema(spec: InputSpec) -> StructType:
-    """The scored-rows table: event, features, prediction, lineage, source coordinates."""
+    """The scored-rows table: event, features, the model's outputs, lineage, source coordinates."""
     return StructType(
-        [*EVENT.fields, *feature_fields(spec), prediction_field(spec), *LINEAGE.fields, *COORDINATES.fields]
+        [*EVENT.fields, *feature_fields(spec), *output_fields(spec), *LINEAGE.fields, *COORDINATES.fields]
     )
 
 

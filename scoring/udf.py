@@ -38,6 +38,8 @@ class ModelHandle:
     run_id: str
     local_path: str  # the model folder on the driver
     ship_name: str  # the folder's name under SparkFiles on executors
+    flavor: str = "pyfunc"  # pyfunc (a pandas UDF on the workers) | spark (Spark ML, applied natively)
+    classes: tuple[str, ...] | None = None  # what the positions of a probabilities output stand for
 
     @property
     def label(self) -> str:

@@ -117,6 +117,7 @@ class BackfillRun:
         pairs = self._score_chunks(other)
         if other is not None and self.chunks_done == self.request.chunks:
             self.comparison.update(compare_predictions(pairs, self.spec.prediction_type))
+            self.comparison["output"] = self.spec.primary.name
             self.comparison["versions"] = {"base": self.handle.version, "other": other.version}
             _log_comparison(self.ctx.tracker, self.comparison)
 
@@ -214,9 +215,10 @@ def _read_input(spark: Any, settings: Settings, request: BackfillRequest) -> Dat
 
 def _paired_predictions(results: DataFrame, other_handle: ModelHandle, spec: InputSpec) -> pd.DataFrame:
     """(base, other) predictions of the same rows: the other version scores the same raw payloads."""
+    name = spec.primary.name  # the output the versions are compared on
     udf = make_score_udf(other_handle, spec)
-    pairs = results.where("ok").select(F.col("prediction").alias("base"), udf(F.col("raw_value")).alias("o"))
-    return pairs.select("base", F.col("o.prediction").alias("other")).toPandas()
+    pairs = results.where("ok").select(F.col(f"`{name}`").alias("base"), udf(F.col("raw_value")).alias("o"))
+    return pairs.select("base", F.col(f"o.`{name}`").alias("other")).toPandas()
 
 
 def compare_predictions(parts: list[pd.DataFrame], prediction_type: str) -> dict[str, Any]:
@@ -224,6 +226,25 @@ def compare_predictions(parts: list[pd.DataFrame], prediction_type: str) -> dict
 
     df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"base": [], "other": []})
     out: dict[str, Any] = {"rows": int(len(df))}
+    if prediction_type.startswith("array<"):  # class probabilities (or scores) per row
+        import numpy as np
+
+        p = np.array([np.asarray(v, dtype=float) for v in df["base"]]) if len(df) else np.zeros((0, 1))
+        q = np.array([np.asarray(v, dtype=float) for v in df["other"]]) if len(df) else np.zeros((0, 1))
+        if p.shape != q.shape:
+            raise ValueError(f"the versions' outputs have different widths ({p.shape[1:]} and {q.shape[1:]})")
+        tvd = 0.5 * np.abs(p - q).sum(axis=1)
+        out.update(
+            {
+                "kind": "probabilities",
+                "agreement": float((p.argmax(axis=1) == q.argmax(axis=1)).mean()) if len(df) else 1.0,
+                "mean_total_variation": float(tvd.mean()) if len(df) else 0.0,
+                "max_total_variation": float(tvd.max()) if len(df) else 0.0,
+            }
+        )
+        # plotted as the regression's histograms: each row's highest probability
+        out["distribution"] = {"base": p.max(axis=1).tolist(), "other": q.max(axis=1).tolist()}
+        return out
     if prediction_type in ("double", "float"):
         diff = (df["base"].astype(float) - df["other"].astype(float)).abs()
         out.update(

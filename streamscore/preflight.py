@@ -42,7 +42,7 @@ def check_stream_services(settings: Settings) -> None:
     check_writable(settings, [settings.output_path, settings.dead_letter_path, settings.checkpoint_path])
 
 
-def _librdkafka_config(settings: Settings) -> dict[str, Any] | None:
+def librdkafka_config(settings: Settings) -> dict[str, Any] | None:
     """The source's client settings for librdkafka, or None when they cannot be translated (Java-only
     options such as a JAAS config: the broker check is then left to Spark)."""
     k = settings.source.kafka
@@ -72,7 +72,7 @@ def check_kafka(settings: Settings) -> None:
     from confluent_kafka.admin import AdminClient
 
     k, timeout = settings.source.kafka, settings.app.preflight_timeout_s
-    conf = _librdkafka_config(settings)
+    conf = librdkafka_config(settings)
     if conf is None:
         log.info("pre-flight: Kafka options need the Java client; broker check left to Spark")
         return

@@ -89,7 +89,26 @@ def build_gate(
         download_timeout_s=settings.watch.download_timeout_s,
         partitions=settings.watch.gate_partitions,
         policy=LoadingPolicy(settings.model.allowed_loaders, settings.model.allow_pickle, settings.model.trusted_types),
+        input_schema=settings.model.input_schema,
+        source_sample=source_sampler(settings, spark),
     )
+
+
+def source_sampler(settings: Settings, spark: SparkSession | None) -> Callable[[int], list[str]] | None:
+    """Reads the newest events of the job's source (the gate's sample when there is no other)."""
+    src = settings.source
+    if src.kind == "kafka":
+        from streamscore.preflight import librdkafka_config
+
+        conf = librdkafka_config(settings)
+        if conf is None:  # options librdkafka cannot take: no sample from the source
+            return None
+        timeout = settings.app.preflight_timeout_s
+        return lambda n: sio.newest_kafka_values(conf, src.kafka.topic, n, timeout)
+    if spark is not None and src.delta.path:
+        path = src.delta.path
+        return lambda n: sio.newest_delta_values(spark, path, n)
+    return None
 
 
 def build_watcher(

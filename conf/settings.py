@@ -134,7 +134,14 @@ def _version_number_as_text(v: Any) -> Any:
 ModelRefText = Annotated[str, BeforeValidator(_version_number_as_text), AfterValidator(_model_ref)]
 
 
-DEFAULT_LOADERS = ("mlflow.sklearn", "mlflow.xgboost", "mlflow.lightgbm", "mlflow.onnx", "mlflow.pyfunc.model")
+DEFAULT_LOADERS = (
+    "mlflow.sklearn",
+    "mlflow.xgboost",
+    "mlflow.lightgbm",
+    "mlflow.onnx",
+    "mlflow.spark",
+    "mlflow.pyfunc.model",
+)
 
 
 DEFAULT_MODEL_NAME = "streamscore-iris"

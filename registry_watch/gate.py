@@ -33,6 +33,7 @@ from streamscore.deadline import run_within
 from streamscore.errors import GateRefused, RegistryError, SignatureError
 from streamscore.registry_watch.policy import LoadingPolicy
 from streamscore.registry_watch.resolve import ModelRef, materialize, resolve_version
+from streamscore.scoring import sparkml
 from streamscore.scoring.spec import InputSpec, Output, compatible, outputs_from_schema, spec_from_signature
 from streamscore.scoring.udf import ModelHandle, load_model
 
@@ -116,6 +117,7 @@ class ValidationGate:
             why = self.policy.check(handle.local_path)
             if why:
                 raise GateRefused(version, f"loading policy: {why}")
+        native = handle.flavor == "spark"
         try:
             from mlflow.models import Model
 
@@ -130,26 +132,29 @@ class ValidationGate:
                 input_schema=self.input_schema,
                 predict_fn=predict_fn,
             )
+            if native:  # a Spark ML version's outputs are what its transform adds (below)
+                spec = replace(spec, outputs=None)
             if stream_spec is not None:
                 compatible(stream_spec, spec, label)
         except SignatureError as e:
             raise GateRefused(version, str(e)) from None
         except Exception as e:
             raise GateRefused(version, f"its MLmodel file cannot be read: {type(e).__name__}: {e}") from e
-        try:
-            model = load_model(handle)
-        except Exception as e:  # any load failure refuses the candidate
-            raise GateRefused(version, f"does not load: {type(e).__name__}: {e}") from e
-        sample, origin = self._sample(model, stream_spec or spec)
-        if spec.outputs is None:  # no output signature: what it predicts on the sample fixes its columns
+        model = self._load(handle, version)
+        sample, origin = self._sample(_input_example(meta, handle.local_path), stream_spec or spec)
+        if native:
+            assert self.spark is not None
+            spec = replace(spec, outputs=sparkml.outputs(model, spec, self.spark))
+        elif spec.outputs is None:  # no output signature: what it predicts on the sample fixes its columns
             spec = replace(spec, outputs=self._outputs_from_sample(model, spec, sample, origin, version, label))
-            if stream_spec is not None:
-                try:
-                    compatible(stream_spec, spec, label)
-                except SignatureError as e:
-                    raise GateRefused(version, str(e)) from None
+        if stream_spec is not None and spec.outputs != stream_spec.outputs:
+            try:
+                compatible(stream_spec, spec, label)
+            except SignatureError as e:
+                raise GateRefused(version, str(e)) from None
         serving_spec = stream_spec or spec
-        handle = replace(handle, classes=_class_labels(model, serving_spec))
+        classes = sparkml.class_labels(model) if native else _class_labels(model, serving_spec)
+        handle = replace(handle, classes=classes)
         # the stream's first version: no batch runs yet, so every core scores the sample, which also
         # starts and warms each Python worker (imports, model load) before the first batch needs it
         self._score_sample(handle, serving_spec, sample, version, origin, all_cores=stream_spec is None)
@@ -192,13 +197,29 @@ class ValidationGate:
             missing = "missing" if have is None else repr(have)
             raise GateRefused(str(mv.version), f"required tag {key}={want} is {missing}")
 
-    def _sample(self, model: Any, spec: InputSpec) -> tuple[list[str], str]:
+    def _load(self, handle: ModelHandle, version: str) -> Any:
+        """The version loaded on the driver: its pyfunc, or a Spark ML version's pipeline model."""
+        try:
+            if handle.flavor != "spark":
+                return load_model(handle)
+            if self.spark is None:
+                raise GateRefused(version, "it is a Spark ML model, which needs the job's Spark session")
+            model = sparkml.load(handle)
+        except GateRefused:
+            raise
+        except Exception as e:  # any load failure refuses the candidate
+            raise GateRefused(version, f"does not load: {type(e).__name__}: {e}") from e
+        why = sparkml.problems(model)
+        if why:
+            raise GateRefused(version, "; ".join(why))
+        return model
+
+    def _sample(self, example: Any, spec: InputSpec) -> tuple[list[str], str]:
         """The rows the version is tried on, and where they came from (named in a refusal)."""
         if self.recent_sample is not None:
             recent = self.recent_sample()[: self.sample_rows]
             if recent:
                 return recent, "recent input of the stream"
-        example = getattr(model, "input_example", None)
         if example is not None:
             return self._example_rows(example, spec), "the input example logged with the model"
         if self.source_sample is not None:
@@ -313,6 +334,15 @@ class ValidationGate:
             reasons = [r.reason for r in rows if not r.ok]
         if reasons:
             raise GateRefused(version, f"scoring the {n}-row sample ({origin}) failed: {reasons[0]}")
+
+
+def _input_example(meta: Any, model_dir: str) -> Any:
+    """The input example logged with the version (None when there is none or it cannot be read)."""
+    try:
+        return meta.load_input_example(model_dir)
+    except Exception as e:  # noqa: BLE001 - a sample is taken elsewhere
+        log.warning("the input example of %s cannot be read: %s", model_dir, e)
+        return None
 
 
 def _parsable(values: list[str], spec: InputSpec) -> list[str]:

@@ -8,7 +8,7 @@ YAML, nothing executed) and checks it *before* the model is loaded anywhere:
 * its ``python_function`` loader module is one of ``model.allowed_loaders``;
 * unless ``model.allow_pickle`` is true, loading must not unpickle objects or import code shipped
   with the version: scikit-learn saved with skops (every trusted type under ``model.trusted_types``),
-  XGBoost and LightGBM native formats and ONNX pass; pickle / cloudpickle scikit-learn, LightGBM's
+  XGBoost and LightGBM native formats, ONNX and Spark ML (MLlib's own format) pass; pickle / cloudpickle scikit-learn, LightGBM's
   pickled scikit-learn API, custom ``python_model`` classes, models from code and ``code_paths`` do
   not.
 """
@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-_NATIVE = {"mlflow.xgboost", "mlflow.onnx"}  # loaders that never unpickle
+_NATIVE = {"mlflow.xgboost", "mlflow.onnx", "mlflow.spark"}  # loaders that never unpickle (MLlib: its own format)
 
 
 @dataclass(frozen=True)

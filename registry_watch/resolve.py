@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from streamscore.errors import ConfigError, RegistryError
+from streamscore.scoring.sparkml import flavor_of
 from streamscore.scoring.udf import ModelHandle
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ def materialize(
                         raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    handle = ModelHandle(mv.name, str(mv.version), mv.run_id or "", str(dest), ship_name)
+    handle = ModelHandle(mv.name, str(mv.version), mv.run_id or "", str(dest), ship_name, flavor_of(dest))
     if spark is not None and not str(spark.sparkContext.master).startswith("local["):
         _ship(spark, dest)
     return handle
@@ -171,7 +172,7 @@ def local_handle(
         return None
     if spark is not None and not str(spark.sparkContext.master).startswith("local["):
         _ship(spark, dest)
-    return ModelHandle(name, version, run_id, str(dest), dest.name)
+    return ModelHandle(name, version, run_id, str(dest), dest.name, flavor_of(dest))
 
 
 def _ship(spark: SparkSession, folder: Path) -> None:

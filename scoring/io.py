@@ -232,6 +232,31 @@ def ensure_delta_table(spark: SparkSession, path: str, schema: StructType, write
         )
 
 
+CLASSES_PROPERTY = "streamscore.classes.v{version}"
+
+
+def record_classes(spark: SparkSession, path: str, version: str, classes: tuple[str, ...]) -> str:
+    """Record, as a table property of the output table, what the positions of version ``version``'s
+    ``probabilities`` stand for (a JSON list of class labels); returns the property's key."""
+    import json
+
+    key = CLASSES_PROPERTY.format(version=version)
+    value = json.dumps(list(classes)).replace("\\", "\\\\").replace("'", "\\'")
+    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('{key}' = '{value}')")
+    return key
+
+
+def class_labels(spark: SparkSession, path: str, version: str) -> list[str] | None:
+    """The class labels :func:`record_classes` recorded for ``version`` (None: none recorded)."""
+    import json
+
+    from delta.tables import DeltaTable
+
+    props = DeltaTable.forPath(spark, path).detail().select("properties").first()
+    raw = (props["properties"] or {}).get(CLASSES_PROPERTY.format(version=version)) if props else None
+    return None if raw is None else list(json.loads(raw))
+
+
 class SnapshotWarmer:
     """Reads the Delta tables' state ahead of the next write, in a background thread.
 

@@ -106,6 +106,13 @@ def result_schema(spec: InputSpec) -> StructType:
     )
 
 
+def parse_schema(spec: InputSpec) -> StructType:
+    """What parsing alone returns per input row (the result without the model's outputs)."""
+    return StructType(
+        [StructField("ok", BooleanType()), StructField("reason", StringType()), *EVENT.fields, *feature_fields(spec)]
+    )
+
+
 def output_schema(spec: InputSpec) -> StructType:
     """The scored-rows table: event, features, the model's outputs, lineage, source coordinates."""
     return StructType(

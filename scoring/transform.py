@@ -7,26 +7,49 @@ row; :func:`scored_rows` and :func:`dead_letter_rows` project its result onto th
 
 from __future__ import annotations
 
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from streamscore.scoring import schema
 from streamscore.scoring.spec import InputSpec
-from streamscore.scoring.udf import ModelHandle, make_score_udf
+from streamscore.scoring.udf import ModelHandle, make_parse_udf, make_score_udf
 
 COORDINATES = schema.names(schema.COORDINATES)
 
 
 def score(
-    events: DataFrame, handle: ModelHandle, spec: InputSpec, batch_id: int, keep_valid_raw: bool = True
+    events: DataFrame,
+    handle: ModelHandle,
+    spec: InputSpec,
+    batch_id: int,
+    keep_valid_raw: bool = True,
+    hold: list[DataFrame] | None = None,
 ) -> DataFrame:
-    """Every input row comes out once: ``ok`` rows carry features + prediction, others ``reason``.
+    """Every input row comes out once: ``ok`` rows carry features + the model's outputs, others
+    ``reason``.
 
     ``raw_value`` (the payload as text) is what the dead-letter table keeps; for valid rows it is
     kept only with ``keep_valid_raw`` (a sample for the gate, a comparison of versions), so a
-    batch does not carry every payload a second time for nothing."""
-    udf = make_score_udf(handle, spec)
-    scored = events.select(udf(F.col(schema.VALUE)).alias("r"), schema.VALUE, *COORDINATES)
+    batch does not carry every payload a second time for nothing.
+
+    A pyfunc version is one pandas UDF (parse + predict). A Spark ML version
+    (:mod:`~streamscore.scoring.sparkml`) is a parse UDF, then ``transform`` on the valid rows;
+    with ``hold`` the parsed rows are persisted once (so the parse runs once per row although valid
+    and invalid rows go separate ways) and appended to ``hold`` for the caller to release."""
+    if handle.flavor == "spark":
+        from streamscore.scoring import sparkml
+
+        parsed = events.select(make_parse_udf(spec)(F.col(schema.VALUE)).alias("r"), schema.VALUE, *COORDINATES)
+        parsed = parsed.select("r.*", schema.VALUE, *COORDINATES)
+        if hold is not None:
+            parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
+            hold.append(parsed)
+        flat = sparkml.score_parsed(handle, parsed, spec)
+    else:
+        udf = make_score_udf(handle, spec)
+        flat = events.select(udf(F.col(schema.VALUE)).alias("r"), schema.VALUE, *COORDINATES)
+        flat = flat.select("r.*", schema.VALUE, *COORDINATES)
     # the payload as text; bytes that are not UTF-8 become U+FFFD so every reader can read the
     # dead-letter table (the row's reason says the payload was not valid UTF-8)
     raw = F.expr(f"make_valid_utf8(CAST({schema.VALUE} AS STRING))")
@@ -37,9 +60,9 @@ def score(
         "scored_at": F.current_timestamp(),
         "batch_id": F.lit(batch_id),
     }
-    return scored.select(
-        "r.*",
-        (raw if keep_valid_raw else F.when(~F.col("r.ok"), raw)).alias("raw_value"),
+    return flat.select(
+        *[F.col(f"`{n}`") for n in schema.names(schema.result_schema(spec))],
+        (raw if keep_valid_raw else F.when(~F.col("ok"), raw)).alias("raw_value"),
         *COORDINATES,
         *_typed(lineage, schema.LINEAGE),
     )

@@ -23,7 +23,7 @@ import pandas as pd
 
 from streamscore.errors import RegistryError
 from streamscore.scoring.records import score_chunk
-from streamscore.scoring.schema import result_schema
+from streamscore.scoring.schema import parse_schema, result_schema
 from streamscore.scoring.spec import InputSpec
 
 CACHE_SIZE = 2
@@ -105,3 +105,16 @@ def make_score_udf(handle: ModelHandle, spec: InputSpec) -> Any:
             yield score_chunk(values, spec, model, handle.label)
 
     return score
+
+
+def make_parse_udf(spec: InputSpec) -> Any:
+    """A pandas UDF ``value -> struct<ok, reason, event_id, event_time, features...>``: the parse
+    and checks alone, for a model applied outside Python (Spark ML)."""
+    from pyspark.sql.functions import pandas_udf
+
+    @pandas_udf(parse_schema(spec))  # type: ignore[call-overload]
+    def parse(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        for values in batches:
+            yield score_chunk(values, spec, None)
+
+    return parse

@@ -125,6 +125,8 @@ class BackfillRun:
         spark, handle = self.ctx.spark, self.handle
         sio.ensure_delta_table(spark, self.out_path, schema.with_backfill_id(schema.output_schema(self.spec)))
         sio.ensure_delta_table(spark, self.dead_path, schema.with_backfill_id(schema.DEAD_LETTER))
+        if handle.classes is not None:
+            sio.record_classes(spark, self.out_path, handle.version, handle.classes)
         self.ctx.start_run(
             {
                 "input": self.request.input.model_dump(mode="json"),

@@ -9,6 +9,7 @@ validates in its own thread, and metrics and tags are sent by the tracker's own 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from pyspark.sql.streaming import StreamingQuery
 
     from streamscore.registry_watch.watcher import RegistryWatcher
+    from streamscore.scoring.udf import ModelHandle
     from streamscore.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,7 @@ class BatchProcessor:
         self.halted_before: int | None = None
         self.query_started_at: float | None = None
         self.first_batch_done_at: float | None = None
+        self._classes_recorded: set[str] = set()
 
     def bind(self, scored_app_id: str, dead_letter_app_id: str) -> None:
         """Set the sinks' Delta app ids, known once the query has started; batches wait for it."""
@@ -102,8 +105,19 @@ class BatchProcessor:
         serving = self.watcher.serving.label
         sio.ensure_delta_table(self.spark, self.sinks.scored.path, schema.output_schema(spec), serving)
         sio.ensure_delta_table(self.spark, self.sinks.dead_letter.path, schema.DEAD_LETTER, serving)
+        self.record_classes(self.watcher.serving)
         if self.warmer is not None:
             self.warmer.request()
+
+    def record_classes(self, handle: ModelHandle) -> None:
+        """Once per version: what its ``probabilities`` positions stand for, as a property of the
+        output table and a tag of the run (between batches: a table property is a Delta commit)."""
+        if handle.classes is None or handle.version in self._classes_recorded:
+            return
+        self._classes_recorded.add(handle.version)
+        key = sio.record_classes(self.spark, self.sinks.scored.path, handle.version, handle.classes)
+        self.tracker.set_tags({key: json.dumps(list(handle.classes))})
+        log.info("%s: probabilities are of the classes %s (table property %s)", handle.label, handle.classes, key)
 
     def __call__(self, batch_df: DataFrame, batch_id: int) -> None:
         if self.halt.is_set():  # before anything is read, recorded or written: Spark reads it again next time
@@ -115,6 +129,7 @@ class BatchProcessor:
         ledger = self.watcher.ledger
         replay = ledger is not None and ledger.get(batch_id) is not None  # begun before: maybe written
         handle = self.watcher.model_for_batch(batch_id)
+        self.record_classes(handle)
         t_picked = time.time()
         assert self.watcher.spec is not None
         sample = self.recent.due()

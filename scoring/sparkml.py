@@ -1,0 +1,175 @@
+"""Spark ML versions, scored natively: a version with MLflow's ``spark`` flavor is loaded once on
+the driver (``mlflow.spark.load_model``, MLlib's own format: no pickle) and applied with
+``transform`` to the parsed, validated rows of a batch. The model runs in the executors' JVMs;
+Python only parses the events (the same parse, checks and reasons as for any other version).
+
+Its outputs come from what ``transform`` adds: ``prediction`` (double) and, for a classifier with
+a probability column, ``probabilities`` (``array<double>``, one value per class index; the class
+labels are a label ``StringIndexer``'s when the pipeline has one). A row the model gives no
+prediction (null or NaN) is dead-lettered with the reason. A pipeline that would drop rows
+(a stage with ``handleInvalid='skip'``) is refused by the gate: its rows would vanish unaccounted.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from streamscore.scoring.spec import PREDICTION, PROBABILITIES, InputSpec, Output
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+    from streamscore.scoring.udf import ModelHandle
+
+CACHE_SIZE = 2  # the serving version and the one it replaced (or a candidate)
+_cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+_lock = threading.Lock()
+
+
+def flavor_of(model_dir: str | Path) -> str:
+    """``spark`` for a version MLflow logged with its Spark flavor, else ``pyfunc``."""
+    try:
+        meta = yaml.safe_load((Path(model_dir) / "MLmodel").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return "pyfunc"
+    return "spark" if isinstance((meta.get("flavors") or {}).get("spark"), dict) else "pyfunc"
+
+
+def load(handle: ModelHandle) -> Any:
+    """The ``PipelineModel`` of ``handle``, loaded once per driver (off a cluster's driver disk,
+    MLflow copies it to the distributed file system so executors can read its stages)."""
+    key = (handle.name, handle.version)
+    with _lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    import mlflow.spark
+
+    model = mlflow.spark.load_model(handle.local_path)
+    with _lock:
+        _cache[key] = model
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return model
+
+
+def stages(model: Any) -> list[Any]:
+    """Every stage of a (possibly nested) pipeline model, in order."""
+    inner = getattr(model, "stages", None)
+    if inner is None:
+        return [model]
+    return [s for st in inner for s in stages(st)]
+
+
+def _final(model: Any) -> Any:
+    """The last stage that predicts (has a prediction column)."""
+    found = [s for s in stages(model) if s.hasParam("predictionCol")]
+    if not found:
+        raise ValueError("the pipeline has no stage with a prediction column")
+    return found[-1]
+
+
+def problems(model: Any) -> list[str]:
+    """Why the pipeline cannot serve (empty: it can)."""
+    out = []
+    for s in stages(model):
+        if s.hasParam("handleInvalid") and s.getOrDefault("handleInvalid") == "skip":
+            out.append(
+                f"stage {type(s).__name__} ({s.uid}) drops rows it cannot handle (handleInvalid='skip'), "
+                "which would lose them unaccounted; log it with handleInvalid='error' or 'keep'"
+            )
+    try:
+        _final(model)
+    except ValueError as e:
+        out.append(str(e))
+    return out
+
+
+def outputs(model: Any, spec: InputSpec, spark: SparkSession) -> tuple[Output, ...]:
+    """The outputs ``transform`` gives for the spec's input columns (no Spark job: the schema only)."""
+    from pyspark.sql.types import StructType
+
+    from streamscore.scoring.schema import feature_fields
+
+    empty = spark.createDataFrame([], StructType(feature_fields(spec)))
+    names = set(model.transform(empty).schema.names)
+    final = _final(model)
+    found = [Output(PREDICTION, "double")]
+    prob = final.getOrDefault("probabilityCol") if final.hasParam("probabilityCol") else None
+    if prob and prob in names:
+        n = getattr(final, "numClasses", None)
+        found.append(Output(PROBABILITIES, "double", array=True, length=int(n) if n else None))
+    return tuple(found)
+
+
+def class_labels(model: Any) -> tuple[str, ...] | None:
+    """What a position of ``probabilities`` stands for: the labels of the ``StringIndexer`` that made
+    the classifier's label column, else the class indices."""
+    final = _final(model)
+    n = getattr(final, "numClasses", None)
+    if not n:
+        return None
+    label_col = final.getOrDefault("labelCol") if final.hasParam("labelCol") else None
+    for s in stages(model):
+        if type(s).__name__ == "StringIndexerModel" and s.getOrDefault("outputCol") == label_col:
+            labels = list(s.labels)
+            if len(labels) == n:
+                return tuple(str(x) for x in labels)
+    return tuple(str(i) for i in range(int(n)))
+
+
+def apply(model: Any, frame: DataFrame, spec: InputSpec) -> DataFrame:
+    """``frame``'s columns with the model's outputs added as the spec's output columns."""
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.sql import functions as F
+
+    from streamscore.scoring.schema import output_type
+
+    final = _final(model)
+    pred_col = final.getOrDefault("predictionCol")
+    prob_col = final.getOrDefault("probabilityCol") if final.hasParam("probabilityCol") else None
+    keep = frame.columns
+    applied = model.transform(frame)
+    columns = []
+    for o in spec.output_list:
+        if o.name == PROBABILITIES:
+            c = vector_to_array(F.col(f"`{prob_col}`")) if prob_col else F.lit(None)
+        else:
+            c = F.col(f"`{pred_col}`")
+        columns.append(c.cast(output_type(o)).alias(o.name))
+    return applied.select(*[F.col(f"`{c}`") for c in keep], *columns)
+
+
+def score_parsed(handle: ModelHandle, parsed: DataFrame, spec: InputSpec) -> DataFrame:
+    """Parsed rows (``ok``, ``reason``, event, features, ...) with the version's outputs: the valid
+    rows transformed, a row without a prediction turned into a dead letter, the invalid rows with
+    null outputs; the same columns, in the same order, as a pyfunc version's result."""
+    from pyspark.sql import functions as F
+
+    from streamscore.scoring.schema import output_type
+
+    model = load(handle)
+    names = [o.name for o in spec.output_list]
+    rest = [c for c in parsed.columns if c not in ("ok", "reason")]
+    applied = apply(model, parsed.where("ok"), spec)
+    pred = F.col(f"`{spec.primary.name}`")
+    missing = pred.isNull() | (F.isnan(pred) if spec.primary.type in ("double", "float") else F.lit(False))
+    why = F.when(missing, F.lit(f"model error: no prediction (null) for this row ({handle.label})"))
+    valid = applied.select(
+        why.isNull().alias("ok"),
+        why.alias("reason"),
+        *[F.col(f"`{c}`") for c in rest],
+        *[F.when(why.isNull(), F.col(f"`{n}`")).alias(n) for n in names],
+    )
+    invalid = parsed.where("NOT ok").select(
+        "ok",
+        "reason",
+        *[F.col(f"`{c}`") for c in rest],
+        *[F.lit(None).cast(output_type(o)).alias(o.name) for o in spec.output_list],
+    )
+    return valid.unionByName(invalid)

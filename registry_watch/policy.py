@@ -8,9 +8,9 @@ YAML, nothing executed) and checks it *before* the model is loaded anywhere:
 * its ``python_function`` loader module is one of ``model.allowed_loaders``;
 * unless ``model.allow_pickle`` is true, loading must not unpickle objects or import code shipped
   with the version: scikit-learn saved with skops (every trusted type under ``model.trusted_types``),
-  XGBoost and LightGBM native formats, ONNX and Spark ML (MLlib's own format) pass; pickle / cloudpickle scikit-learn, LightGBM's
-  pickled scikit-learn API, custom ``python_model`` classes, models from code and ``code_paths`` do
-  not.
+  XGBoost and LightGBM native formats, ONNX and Spark ML (MLlib's own format) pass; pickle /
+  cloudpickle scikit-learn, LightGBM's pickled scikit-learn API, custom ``python_model`` classes,
+  models from code and ``code_paths`` do not.
 """
 
 from __future__ import annotations

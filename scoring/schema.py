@@ -94,16 +94,9 @@ def output_fields(spec: InputSpec) -> list[StructField]:
 
 
 def result_schema(spec: InputSpec) -> StructType:
-    """What the scoring UDF returns per input row: ``ok`` + ``reason``, then the parsed event."""
-    return StructType(
-        [
-            StructField("ok", BooleanType()),
-            StructField("reason", StringType()),
-            *EVENT.fields,
-            *feature_fields(spec),
-            *output_fields(spec),
-        ]
-    )
+    """What the scoring UDF returns per input row: ``ok`` + ``reason``, the parsed event, then the
+    model's outputs."""
+    return StructType([*parse_schema(spec).fields, *output_fields(spec)])
 
 
 def parse_schema(spec: InputSpec) -> StructType:

@@ -4,8 +4,10 @@ Spark jobs).
 An :class:`InputSpec` lists the event id / event time fields, the model's input columns with their
 MLflow types, and the model's outputs (:class:`Output`), each a typed column of the scored table:
 
-* one unnamed output (a column, a ``(-1,)`` tensor) is the ``prediction`` column;
-* named outputs (a DataFrame with named columns, named tensors) keep their names;
+* a model's only output (a column, a ``(-1,)`` tensor) is the ``prediction`` column, whatever the
+  signature calls it (a stable column for readers and monitors, and the one earlier versions of
+  the table have);
+* several outputs (a DataFrame with named columns, named tensors) keep their names;
 * a ``(-1, k)`` tensor is an array column (``probabilities`` for a ``predict_proba`` model, else
   ``prediction``), ``(-1, 1)`` being a plain ``prediction``.
 
@@ -201,7 +203,7 @@ def outputs_from_schema(
     single = len(specs) == 1
     result = []
     for s in specs:
-        name = getattr(s, "name", None)
+        name = None if single else getattr(s, "name", None)
         if not single and not name:
             raise SignatureError(f"{model_label}: its output signature has several outputs, not all of them named")
         key = None if single else str(name)
@@ -211,7 +213,8 @@ def outputs_from_schema(
         t = _type_name(s.type)
         elem = getattr(s.type, "dtype", None)  # an mlflow Array type
         if elem is not None and _type_name(elem) in SUPPORTED_TYPES:
-            result.append(Output(str(name or PREDICTION), _type_name(elem), array=True, key=key))
+            default = PROBABILITIES if predict_fn == "predict_proba" else PREDICTION
+            result.append(Output(str(name or default), _type_name(elem), array=True, key=key))
         elif t in SUPPORTED_TYPES:
             result.append(Output(str(name or PREDICTION), t, key=key))
         else:

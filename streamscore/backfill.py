@@ -29,7 +29,7 @@ from streamscore.pipeline import Outcome, Sinks, score_and_write
 from streamscore.registry_watch.resolve import ModelRef
 from streamscore.scoring import io as sio
 from streamscore.scoring import schema
-from streamscore.scoring.spec import InputSpec
+from streamscore.scoring.spec import PROBABILITIES, InputSpec, Output
 from streamscore.scoring.udf import ModelHandle, make_score_udf
 from streamscore.streaming import build_gate
 
@@ -116,8 +116,9 @@ class BackfillRun:
         )
         pairs = self._score_chunks(other)
         if other is not None and self.chunks_done == self.request.chunks:
-            self.comparison.update(compare_predictions(pairs, self.spec.prediction_type))
-            self.comparison["output"] = self.spec.primary.name
+            compared = compared_output(self.spec)
+            self.comparison.update(compare_predictions(pairs, compared.ddl))
+            self.comparison["output"] = compared.name
             self.comparison["versions"] = {"base": self.handle.version, "other": other.version}
             _log_comparison(self.ctx.tracker, self.comparison)
 
@@ -215,11 +216,25 @@ def _read_input(spark: Any, settings: Settings, request: BackfillRequest) -> Dat
     )
 
 
+def compared_output(spec: InputSpec) -> Output:
+    """The output two versions are compared on: a classifier's probabilities when it has them (the
+    agreement of their top classes and their total variation), else its prediction."""
+    return next((o for o in spec.output_list if o.name == PROBABILITIES and o.array), spec.primary)
+
+
 def _paired_predictions(results: DataFrame, other_handle: ModelHandle, spec: InputSpec) -> pd.DataFrame:
-    """(base, other) predictions of the same rows: the other version scores the same raw payloads."""
-    name = spec.primary.name  # the output the versions are compared on
+    """(base, other) predictions of the same rows: the other version scores the same rows (a pyfunc
+    version their raw payloads through its UDF, a Spark ML version their parsed features)."""
+    name = compared_output(spec).name
+    valid = results.where("ok")
+    if other_handle.flavor == "spark":
+        from streamscore.scoring import sparkml
+
+        rows = valid.select(F.col(f"`{name}`").alias("base"), *[F.col(f"`{c}`") for c in spec.feature_names])
+        applied = sparkml.apply(sparkml.load(other_handle), rows, spec)
+        return applied.select("base", F.col(f"`{name}`").alias("other")).toPandas()
     udf = make_score_udf(other_handle, spec)
-    pairs = results.where("ok").select(F.col(f"`{name}`").alias("base"), udf(F.col("raw_value")).alias("o"))
+    pairs = valid.select(F.col(f"`{name}`").alias("base"), udf(F.col("raw_value")).alias("o"))
     return pairs.select("base", F.col(f"o.`{name}`").alias("other")).toPandas()
 
 

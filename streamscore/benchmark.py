@@ -11,9 +11,10 @@ compute ceiling). The machine is shared and noisy: compare ratios within one run
 
 Scenarios (``--only`` picks some):
 
-* ``throughput`` — a backlog of ``--backlog`` events: streamscore with the demo model and with an
-  identity model (the pipeline's own ceiling), the plain consumer, the compute ceiling; start-up
-  to the first committed row and its phases.
+* ``throughput`` — a backlog of ``--backlog`` events: streamscore with the demo model, with an
+  identity model (the pipeline's own ceiling) and with a Spark ML pipeline of the same classifier
+  kind (scored natively), the plain consumer, the compute ceiling; start-up to the first committed
+  row and its phases.
 * ``latency`` — one stream with a 0.5 s trigger: batches of 3 events (the small-batch floor and
   its phases, from the run's MLflow metrics), then events at fixed rates (freshness: Kafka
   timestamp -> commit of the row, p50/p99).
@@ -208,14 +209,23 @@ class Producer(threading.Thread):
 
 
 class Bench:
-    def __init__(self, settings: Settings, forwarded: list[str], sizes: Sizes, out: Path, base_args: list[str]):
-        self.settings, self.forwarded, self.sizes, self.out = settings, forwarded, sizes, out
+    def __init__(
+        self,
+        settings: Settings,
+        forwarded: list[str],
+        sizes: Sizes,
+        out: Path,
+        base_args: list[str],
+        only: tuple[str, ...] | list[str] = SCENARIOS,
+    ):
+        self.settings, self.forwarded, self.sizes, self.out, self.only = settings, forwarded, sizes, out, only
         self.base_args = base_args  # --profile / --config of the bench, passed on to its jobs
         self.tag = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
         self.results: dict[str, Any] = {}
         self.kafka = settings.source.kafka.bootstrap_servers
         self.model = settings.model.name
         self.identity = f"{settings.model.name}-bench-identity"
+        self.sparkml = f"{settings.model.name}-bench-sparkml"
 
     # helpers
     def topic(self, name: str) -> str:
@@ -250,6 +260,15 @@ class Bench:
         configure_mlflow(self.settings)
         self.v1 = train_and_register(self.model, "v1", alias="champion")
         train_and_register(self.identity, "v1", alias="champion", estimator=DummyClassifier(strategy="most_frequent"))
+        if "throughput" in self.only:
+            from streamscore.demo import register_spark_pipeline
+            from streamscore.spark import build_spark
+
+            spark = build_spark(self.settings)
+            try:  # the same data and classifier kind as the demo model, as a Spark ML pipeline
+                register_spark_pipeline(spark, self.sparkml, "lr", alias="champion")
+            finally:
+                spark.stop()
 
     # scenarios
     def throughput(self) -> dict[str, Any]:
@@ -259,7 +278,12 @@ class Bench:
         topic = self.topic("backlog")
         produced = produce_events(self.kafka, topic, n, prefix="bench")
         res: dict[str, Any] = {"backlog_events": n, "produce_events_per_s": _r(produced.sent / produced.seconds, 0)}
-        for label, model in (("streamscore", self.model), ("streamscore_identity_model", self.identity)):
+        runs = (
+            ("streamscore", self.model),
+            ("streamscore_identity_model", self.identity),
+            ("streamscore_spark_ml", self.sparkml),
+        )
+        for label, model in runs:
             overrides, table = self.stream_overrides(label, topic, model)
             if self.sizes.batch_events:
                 overrides.append(f"source.kafka.max_offsets_per_trigger={self.sizes.batch_events}")
@@ -279,6 +303,7 @@ class Bench:
         ours = res["streamscore"]["rows_per_s"] or 0
         res["ratio_vs_plain_consumer"] = _r(ours / res["plain_consumer"]["rows_per_s"])
         res["ratio_vs_identity_model"] = _r(ours / (res["streamscore_identity_model"]["rows_per_s"] or 1))
+        res["ratio_spark_ml_vs_pyfunc"] = _r((res["streamscore_spark_ml"]["rows_per_s"] or 0) / (ours or 1))
         return res
 
     def plain_consumer(self, topic: str, n: int) -> float:
@@ -594,6 +619,11 @@ def markdown(results: dict[str, Any], machine: str) -> str:
                 _n(t["streamscore_identity_model"]["rows_per_s"], " rows/s"),
                 "",
             ),
+            (
+                "Kafka -> Delta, Spark ML pipeline of the same classifier (scored natively)",
+                _n(t["streamscore_spark_ml"]["rows_per_s"], " rows/s"),
+                f"{t['ratio_spark_ml_vs_pyfunc']}x the pyfunc demo model",
+            ),
             ("plain single-process consumer", _n(t["plain_consumer"]["rows_per_s"], " rows/s"), ""),
             ("model predict x cores (compute ceiling)", _n(t["compute_ceiling"]["rows_per_s"], " rows/s"), ""),
             (
@@ -676,7 +706,7 @@ def run(
     settings: Settings, forwarded: list[str], sizes: Sizes, only: list[str], out: Path, base_args: list[str]
 ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    bench = Bench(settings, forwarded, sizes, out, base_args)
+    bench = Bench(settings, forwarded, sizes, out, base_args, only)
     bench.setup()
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -63,6 +63,49 @@ def train_and_register(
     return version
 
 
+SPECIES = ("setosa", "versicolor", "virginica")
+
+
+def register_spark_pipeline(spark: Any, name: str, kind: str = "lr", alias: str | None = None) -> str:
+    """Train a Spark ML pipeline on the iris data (a label ``StringIndexer`` over the species names,
+    ``VectorAssembler``, then a logistic regression (``lr``) or a decision tree (``tree``)), log it
+    with MLflow's Spark flavor and the signature of its prediction, register; returns the version."""
+    import mlflow
+    import mlflow.spark
+    from mlflow.models import infer_signature
+    from pyspark.ml import Pipeline
+    from pyspark.ml.classification import DecisionTreeClassifier, LogisticRegression
+    from pyspark.ml.feature import StringIndexer, VectorAssembler
+
+    X, y = iris_frame()
+    df = spark.createDataFrame(X.assign(species=y.map(dict(enumerate(SPECIES)))))
+    clf = (
+        LogisticRegression(labelCol="label", maxIter=50)
+        if kind == "lr"
+        else DecisionTreeClassifier(labelCol="label", maxDepth=3, seed=1)
+    )
+    stages = [
+        StringIndexer(inputCol="species", outputCol="label"),
+        VectorAssembler(inputCols=FEATURES, outputCol="features"),
+        clf,
+    ]
+    model = Pipeline(stages=stages).fit(df)
+    predictions = model.transform(df.drop("species")).select("prediction").toPandas()["prediction"]
+    mlflow.set_experiment("streamscore-demo-models")
+    with mlflow.start_run(run_name=f"train-{name}-spark-{kind}"):
+        info = mlflow.spark.log_model(
+            model,
+            artifact_path="model",
+            signature=infer_signature(X, predictions),
+            registered_model_name=name,
+            pip_requirements=["pyspark"],  # skips MLflow's requirement inference (a model load in a subprocess)
+        )
+    version = str(info.registered_model_version)
+    if alias:
+        promote(name, version, alias)
+    return version
+
+
 def promote(name: str, version: str, alias: str = "champion") -> float:
     """Move ``alias`` to ``version``, recording when (the watcher reports swap latency from it)."""
     from mlflow import MlflowClient

@@ -19,15 +19,21 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 from sklearn.linear_model import LogisticRegression
 
-from streamscore.demo import FEATURES, ensure_topic, iris_frame, produce_events, promote
+from streamscore.demo import (
+    FEATURES,
+    SPECIES,
+    ensure_topic,
+    iris_frame,
+    produce_events,
+    promote,
+    register_spark_pipeline,
+)
 from streamscore.scoring import io as sio
 from streamscore.streaming import run_stream
 from tests.helpers import StreamThread, stream_command, wait_for
 from tests.test_hot_swap import Producer
 
 pytestmark = pytest.mark.integration
-
-SPECIES = {0: "setosa", 1: "versicolor", 2: "virginica"}
 
 
 def _read(spark, path) -> pd.DataFrame:
@@ -36,7 +42,7 @@ def _read(spark, path) -> pd.DataFrame:
 
 def _labelled():
     X, y = iris_frame()
-    return X, y.map(SPECIES)
+    return X, y.map(dict(enumerate(SPECIES)))
 
 
 def _topic_with_events(s, count: int, prefix: str, malformed_every: int = 20):
@@ -201,37 +207,6 @@ def test_an_unsigned_model_is_served_through_the_declared_input_schema(spark, ma
 # -- Spark ML ------------------------------------------------------------------------------
 
 
-def register_spark_pipeline(spark, name: str, kind: str) -> str:
-    """A Spark ML pipeline (label StringIndexer, VectorAssembler, a classifier) logged as MLflow's
-    Spark flavor documents it, with the signature of its prediction; returns the version."""
-    import mlflow.spark
-    from pyspark.ml import Pipeline
-    from pyspark.ml.classification import DecisionTreeClassifier as SparkTree
-    from pyspark.ml.classification import LogisticRegression as SparkLR
-    from pyspark.ml.feature import StringIndexer, VectorAssembler
-
-    X, y = _labelled()
-    df = spark.createDataFrame(X.assign(species=y))
-    clf = SparkLR(labelCol="label", maxIter=50) if kind == "lr" else SparkTree(labelCol="label", maxDepth=3, seed=1)
-    model = Pipeline(
-        stages=[
-            StringIndexer(inputCol="species", outputCol="label"),
-            VectorAssembler(inputCols=FEATURES, outputCol="features"),
-            clf,
-        ]
-    ).fit(df)
-    predictions = model.transform(df.drop("species")).select("prediction").toPandas()["prediction"]
-    with mlflow.start_run():
-        info = mlflow.spark.log_model(
-            model,
-            artifact_path="model",
-            signature=infer_signature(X, predictions),
-            registered_model_name=name,
-            pip_requirements=["pyspark"],  # skips MLflow's requirement inference (a model load in a subprocess)
-        )
-    return str(info.registered_model_version)
-
-
 def _spark_truth(spark, name: str, version: str, rows: pd.DataFrame) -> pd.DataFrame:
     import mlflow.spark
     from pyspark.ml.functions import vector_to_array
@@ -284,7 +259,7 @@ def test_spark_ml_pipelines_stream_natively_and_swap_under_load(spark, make_sett
     _assert_own_transform(spark, name, out)
     for version in (v1, v2):  # positions are the label indexer's classes
         labels = sio.class_labels(spark, s.output_path, version)
-        assert labels is not None and sorted(labels) == sorted(SPECIES.values())
+        assert labels is not None and sorted(labels) == sorted(SPECIES)
 
 
 def test_a_spark_ml_version_on_a_cluster(spark, make_settings, tmp_path):
@@ -302,6 +277,61 @@ def test_a_spark_ml_version_on_a_cluster(spark, make_settings, tmp_path):
     out = _read(spark, s.output_path)
     assert sorted(out["event_id"]) == sorted(sent.valid_ids)
     _assert_own_transform(spark, s.model.name, out)
+
+
+class ProbaFrame(mlflow.pyfunc.PythonModel):
+    """A scikit-learn classifier behind a pyfunc whose named outputs match a Spark ML classifier's
+    columns: ``prediction`` (the class index, double) and ``probabilities``."""
+
+    def load_context(self, context):
+        X, y = _labelled()
+        self.clf = LogisticRegression(C=0.05, max_iter=500).fit(X, y)
+
+    def predict(self, context, model_input, params=None):
+        p = self.clf.predict_proba(model_input[FEATURES])
+        return pd.DataFrame({"prediction": p.argmax(axis=1).astype(float), "probabilities": list(p)})
+
+
+def test_backfill_compares_a_spark_ml_version_with_a_pyfunc_one(spark, make_settings, tmp_path):
+    from streamscore.backfill import run_backfill
+    from streamscore.conf.settings import BackfillRequest
+
+    s = make_settings()
+    name = s.model.name
+    v1 = register_spark_pipeline(spark, name, "lr")
+    promote(name, v1, "champion")
+    X, _ = _labelled()
+    pyfunc = ProbaFrame()
+    pyfunc.load_context(None)
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=ProbaFrame(),
+            signature=infer_signature(X, pyfunc.predict(None, X.head(5))),
+            input_example=X.head(3),
+            registered_model_name=name,
+        )
+    v2 = str(info.registered_model_version)
+    history = X.assign(event_id=[f"h-{i}" for i in range(len(X))], event_time="2026-01-01T00:00:00Z")
+    path = str(tmp_path / "history")
+    spark.createDataFrame(history).write.format("delta").save(path)
+    out = str(tmp_path / "bf")
+
+    summary = run_backfill(
+        s, BackfillRequest.of(input={"kind": "delta", "path": path}, compare_with=v2, output_path=out)
+    )
+
+    assert summary["status"] == "FINISHED" and summary["rows_scored"] == len(X)
+    rows = _read(spark, out)
+    _assert_own_transform(spark, name, rows)  # the backfill's rows are the Spark ML version's
+    spark_p = np.stack(rows.sort_values("event_id")["probabilities"].to_numpy())
+    own_p = pyfunc.predict(None, rows.sort_values("event_id")[FEATURES])["probabilities"]
+    py_p = np.stack(own_p.to_numpy())
+    c = summary["comparison"]
+    assert c["kind"] == "probabilities" and c["versions"] == {"base": v1, "other": v2} and c["rows"] == len(X)
+    assert c["agreement"] == pytest.approx(float((spark_p.argmax(1) == py_p.argmax(1)).mean()))
+    assert c["mean_total_variation"] == pytest.approx(float((0.5 * np.abs(spark_p - py_p).sum(1)).mean()))
+    assert 0 < c["mean_total_variation"] < 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -182,3 +182,10 @@ def test_settings_take_model_uris_and_refuse_uc_stages(tmp_path):
     assert s.model.input_schema == {"a": "double", "b": "long"}
     with pytest.raises(ConfigError, match="input_schema"):
         load_settings("local", overrides={"model": {"input_schema": {"a": "tensor"}}})
+
+
+def test_a_model_s_only_output_is_the_prediction_column_whatever_its_name(data):
+    X, y = data
+    for only in (pd.Series(y.to_numpy(), name="species"), pd.DataFrame({"score": np.ones(len(X))}), y.to_numpy()):
+        (out,) = _spec(X, only).output_list
+        assert out.name == "prediction" and not out.array

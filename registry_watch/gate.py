@@ -34,6 +34,7 @@ from streamscore.errors import GateRefused, RegistryError, SignatureError
 from streamscore.registry_watch.policy import LoadingPolicy
 from streamscore.registry_watch.resolve import ModelRef, materialize, resolve_version
 from streamscore.scoring import sparkml
+from streamscore.scoring.sparkml import INPUT_REFUSED
 from streamscore.scoring.spec import InputSpec, Output, compatible, outputs_from_schema, spec_from_signature
 from streamscore.scoring.udf import ModelHandle, load_model
 
@@ -141,7 +142,8 @@ class ValidationGate:
         except Exception as e:
             raise GateRefused(version, f"its MLmodel file cannot be read: {type(e).__name__}: {e}") from e
         model = self._load(handle, version)
-        sample, origin = self._sample(_input_example(meta, handle.local_path), stream_spec or spec)
+        known = sparkml.known_values(model) if native else {}
+        sample, origin = self._sample(_input_example(meta, handle.local_path), stream_spec or spec, known)
         if native:
             assert self.spark is not None
             spec = replace(spec, outputs=sparkml.outputs(model, spec, self.spark))
@@ -154,7 +156,11 @@ class ValidationGate:
                 raise GateRefused(version, str(e)) from None
         serving_spec = stream_spec or spec
         classes = sparkml.class_labels(model) if native else _class_labels(model, serving_spec)
-        handle = replace(handle, classes=classes)
+        if stream_spec is not None:  # the table's outputs, as this version returns them
+            assert isinstance(spec.outputs, tuple)
+            mine = {o.name: o for o in spec.outputs}
+            serving_spec = replace(stream_spec, outputs=tuple(mine[o.name] for o in stream_spec.output_list))
+        handle = replace(handle, classes=classes, outputs=serving_spec.output_list)
         # the stream's first version: no batch runs yet, so every core scores the sample, which also
         # starts and warms each Python worker (imports, model load) before the first batch needs it
         self._score_sample(handle, serving_spec, sample, version, origin, all_cores=stream_spec is None)
@@ -214,8 +220,9 @@ class ValidationGate:
             raise GateRefused(version, "; ".join(why))
         return model
 
-    def _sample(self, example: Any, spec: InputSpec) -> tuple[list[str], str]:
-        """The rows the version is tried on, and where they came from (named in a refusal)."""
+    def _sample(self, example: Any, spec: InputSpec, known: Mapping[str, list[str]]) -> tuple[list[str], str]:
+        """The rows the version is tried on, and where they came from (named in a refusal);
+        ``known``: values the model is known to take for some string inputs (for built rows)."""
         if self.recent_sample is not None:
             recent = self.recent_sample()[: self.sample_rows]
             if recent:
@@ -230,7 +237,7 @@ class ValidationGate:
                 newest = []
             if newest:
                 return newest[: self.sample_rows], "the newest events of the source"
-        return synthetic_rows(spec, min(self.sample_rows, 3)), "rows built from the signature's types"
+        return synthetic_rows(spec, min(self.sample_rows, 3), known), "rows built from the signature's types"
 
     def _example_rows(self, example: Any, spec: InputSpec) -> list[str]:
         import pandas as pd
@@ -265,7 +272,7 @@ class ValidationGate:
             raise GateRefused(version, str(e)) from None
         except Exception as e:
             raise GateRefused(
-                version, f"scoring the {len(frame)}-row sample ({origin}) failed: {type(e).__name__}: {e}"
+                version, f"scoring the {len(frame)}-row sample failed ({origin}): {type(e).__name__}: {e}"
             ) from e
         log.warning(
             "%s has no output signature: assuming the output column(s) %s from its predictions on %d rows (%s)",
@@ -311,8 +318,8 @@ class ValidationGate:
 
             from streamscore.scoring.records import score_chunk
 
-            out = score_chunk(pd.Series(sample), spec, load_model(handle), handle.label)
-            reasons = list(out[~out["ok"]]["reason"])
+            out = score_chunk(pd.Series(sample), handle.own_spec(spec), load_model(handle), handle.label)
+            reasons, scored = list(out[~out["ok"]]["reason"]), int(out["ok"].sum())
         else:
             from streamscore.scoring.transform import as_events, score
 
@@ -329,11 +336,13 @@ class ValidationGate:
             except Exception as e:  # e.g. the model kills its Python worker
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise GateRefused(
-                    version, f"scoring the sample ({origin}) failed: {type(e).__name__}: {first[:500]}"
+                    version, f"scoring the sample failed ({origin}): {type(e).__name__}: {first[:500]}"
                 ) from e
-            reasons = [r.reason for r in rows if not r.ok]
+            reasons, scored = [r.reason for r in rows if not r.ok], sum(1 for r in rows if r.ok)
+        if reasons and scored and all(r.startswith(INPUT_REFUSED) for r in reasons):
+            reasons = []  # rows the model declares it cannot take (see sparkml.guards); the rest scored
         if reasons:
-            raise GateRefused(version, f"scoring the {n}-row sample ({origin}) failed: {reasons[0]}")
+            raise GateRefused(version, f"scoring the {n}-row sample failed ({origin}): {reasons[0]}")
 
 
 def _input_example(meta: Any, model_dir: str) -> Any:
@@ -368,8 +377,9 @@ _SYNTHETIC: dict[str, float | int | str | bool] = {
 }
 
 
-def synthetic_rows(spec: InputSpec, n: int) -> list[str]:
-    """``n`` events built from the input types (numbers 0.5, 1.5, ...; strings "a", "b", ...)."""
+def synthetic_rows(spec: InputSpec, n: int, known: Mapping[str, list[str]] | None = None) -> list[str]:
+    """``n`` events built from the input types (numbers 0.5, 1.5, ...; strings "a", "b", ..., or
+    for a column in ``known`` the values the model knows, in turn)."""
     rows = []
     for i in range(max(n, 1)):
         rec: dict[str, Any] = {
@@ -380,6 +390,9 @@ def synthetic_rows(spec: InputSpec, n: int) -> list[str]:
             base = _SYNTHETIC[f.type]
             if isinstance(base, bool):
                 rec[f.name] = bool(i % 2)
+            elif known and known.get(f.name):
+                values = known[f.name]
+                rec[f.name] = values[i % len(values)]
             elif isinstance(base, str):
                 rec[f.name] = chr(ord("a") + i % 26)
             elif isinstance(base, (int, float)):

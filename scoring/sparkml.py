@@ -8,6 +8,11 @@ a probability column, ``probabilities`` (``array<double>``, one value per class 
 labels are a label ``StringIndexer``'s when the pipeline has one). A row the model gives no
 prediction (null or NaN) is dead-lettered with the reason. A pipeline that would drop rows
 (a stage with ``handleInvalid='skip'``) is refused by the gate: its rows would vanish unaccounted.
+
+Rows a stage would fail on (``handleInvalid='error'``) are dead-lettered before ``transform`` by
+:func:`guards`: a value a ``StringIndexer`` has no index for, a null or NaN input of a
+``VectorAssembler``. Without them one such event would fail its batch, and the batch would fail
+again at every restart (a poison pill).
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import yaml
 from streamscore.scoring.spec import PREDICTION, PROBABILITIES, InputSpec, Output
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, SparkSession
 
     from streamscore.scoring.udf import ModelHandle
 
+INPUT_REFUSED = "input the model refuses: "  # the reason of a row a guard took out (see guards)
 CACHE_SIZE = 2  # the serving version and the one it replaced (or a candidate)
 _cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
 _lock = threading.Lock()
@@ -145,6 +151,57 @@ def apply(model: Any, frame: DataFrame, spec: InputSpec) -> DataFrame:
     return applied.select(*[F.col(f"`{c}`") for c in keep], *columns)
 
 
+def _indexed(model: Any) -> list[tuple[str, list[str]]]:
+    """(input column, its labels) of every fitted ``StringIndexer`` of the pipeline."""
+    found = []
+    for s in stages(model):
+        if type(s).__name__ == "StringIndexerModel":
+            multi = s.isSet("inputCols")
+            cols = s.getInputCols() if multi else [s.getInputCol()]
+            labels = s.labelsArray if multi else [s.labels]
+            found += [(c, list(known)) for c, known in zip(cols, labels, strict=True)]
+    return found
+
+
+def known_values(model: Any) -> dict[str, list[str]]:
+    """The values the pipeline's string indexers know, per input column (rows the gate builds
+    from the signature's types take them, so a sample is one the model can score)."""
+    return dict(_indexed(model))
+
+
+def guards(model: Any, spec: InputSpec) -> list[tuple[Column, str]]:
+    """(condition, reason) pairs: a valid row where a condition holds would make a stage of the
+    pipeline raise; it is dead-lettered with the reason instead. Only the stream's own input
+    columns are guarded (a column a stage derives is as good as its inputs)."""
+    from pyspark.sql import functions as F
+
+    inputs = {f.name: f for f in spec.features}
+    found: list[tuple[Column, str]] = []
+    for s in stages(model):
+        if not (s.hasParam("handleInvalid") and s.getOrDefault("handleInvalid") == "error"):
+            continue
+        kind = type(s).__name__
+        if kind == "StringIndexerModel":
+            for col, known in _indexed(s):
+                if col in inputs:
+                    c = F.col(f"`{col}`").cast("string")
+                    found.append(
+                        (
+                            c.isNull() | ~c.isin(list(known)),
+                            f"field {col!r}: a value the model's {kind} has no index for",
+                        )
+                    )
+        elif kind == "VectorAssembler":
+            for col in s.getInputCols():
+                f = inputs.get(col)
+                if f is None:
+                    continue
+                c = F.col(f"`{col}`")
+                bad = c.isNull() | (F.isnan(c) if f.type in ("double", "float") else F.lit(False))
+                found.append((bad, f"field {col!r}: null or NaN, which the model's {kind} cannot assemble"))
+    return found
+
+
 def score_parsed(handle: ModelHandle, parsed: DataFrame, spec: InputSpec) -> DataFrame:
     """Parsed rows (``ok``, ``reason``, event, features, ...) with the version's outputs: the valid
     rows transformed, a row without a prediction turned into a dead letter, the invalid rows with
@@ -156,6 +213,16 @@ def score_parsed(handle: ModelHandle, parsed: DataFrame, spec: InputSpec) -> Dat
     model = load(handle)
     names = [o.name for o in spec.output_list]
     rest = [c for c in parsed.columns if c not in ("ok", "reason")]
+    checks = guards(model, spec)
+    if checks:  # rows a stage would raise on leave the valid rows with the reason, before transform
+        guarded = F.lit(None).cast("string")
+        for cond, reason in reversed(checks):
+            guarded = F.when(cond, F.lit(f"{INPUT_REFUSED}{reason} ({handle.label})")).otherwise(guarded)
+        parsed = parsed.select(
+            (F.col("ok") & guarded.isNull()).alias("ok"),
+            F.when(F.col("ok"), guarded).otherwise(F.col("reason")).alias("reason"),
+            *[F.col(f"`{c}`") for c in rest],
+        )
     applied = apply(model, parsed.where("ok"), spec)
     pred = F.col(f"`{spec.primary.name}`")
     missing = pred.isNull() | (F.isnan(pred) if spec.primary.type in ("double", "float") else F.lit(False))

@@ -16,7 +16,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
@@ -24,7 +24,7 @@ import pandas as pd
 from streamscore.errors import RegistryError
 from streamscore.scoring.records import score_chunk
 from streamscore.scoring.schema import parse_schema, result_schema
-from streamscore.scoring.spec import InputSpec
+from streamscore.scoring.spec import InputSpec, Output
 
 CACHE_SIZE = 2
 
@@ -40,10 +40,17 @@ class ModelHandle:
     ship_name: str  # the folder's name under SparkFiles on executors
     flavor: str = "pyfunc"  # pyfunc (a pandas UDF on the workers) | spark (Spark ML, applied natively)
     classes: tuple[str, ...] | None = None  # what the positions of a probabilities output stand for
+    # the version's own outputs (the gate's): the table's names and types, but where this version
+    # puts them in what it returns (a tensor, or a DataFrame's columns) may differ from another's
+    outputs: tuple[Output, ...] | None = None
 
     @property
     def label(self) -> str:
         return f"model {self.name!r} version {self.version}"
+
+    def own_spec(self, spec: InputSpec) -> InputSpec:
+        """The stream's spec with this version's own outputs (when the gate recorded them)."""
+        return spec if self.outputs is None else replace(spec, outputs=self.outputs)
 
 
 _cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
@@ -97,6 +104,8 @@ def cached_versions() -> list[tuple[str, str]]:
 def make_score_udf(handle: ModelHandle, spec: InputSpec) -> Any:
     """A pandas UDF ``value -> struct<ok, reason, event_id, event_time, features..., prediction>``."""
     from pyspark.sql.functions import pandas_udf
+
+    spec = handle.own_spec(spec)
 
     @pandas_udf(result_schema(spec))  # type: ignore[call-overload]
     def score(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:

@@ -97,7 +97,7 @@ class BackfillRun:
         self.totals = {"rows_in": 0, "rows_scored": 0, "rows_dead_lettered": 0}
         self.chunks_done = 0
         self.comparison: dict[str, Any] = {}
-        self.gate = build_gate(self.settings, ctx.spark, ctx.client)
+        self.gate = build_gate(self.settings, ctx.spark, ctx.client, source_sample=self._input_sample)
         self.ref = ModelRef.parse(request.model_ref or self.settings.model.ref)
         with ctx.phase("model"):
             admitted = self.gate.admit(self.ref, None)
@@ -106,6 +106,12 @@ class BackfillRun:
         self.out_path = request.output_path or self.settings.path("tables/backfill")
         self.dead_path = request.dead_letter_path or self.settings.path("tables/backfill_dead_letter")
         ctx.describe(self.describe)
+
+    def _input_sample(self, n: int) -> list[str]:
+        """Events of the backfill's own input: the gate's sample for a version without an example."""
+        rows = _read_input(self.ctx.spark, self.settings, self.request).limit(n).collect()
+        values = (r[schema.VALUE] for r in rows)
+        return [v.decode("utf-8", errors="replace") if isinstance(v, bytes | bytearray) else v for v in values if v]
 
     def run(self) -> None:
         self._open()
@@ -322,8 +328,15 @@ def _plot(comparison: dict[str, Any], path: Path) -> None:
         dist = comparison["distribution"]
         ax.hist(dist["base"], bins=40, alpha=0.5, label=f"version {v['base']}")
         ax.hist(dist["other"], bins=40, alpha=0.5, label=f"version {v['other']}")
-        ax.set_xlabel("prediction")
-        ax.set_title(f"mean |diff| {comparison['mean_abs_diff']:.4g}")
+        if comparison["kind"] == "probabilities":
+            ax.set_xlabel("probability of the top class")
+            ax.set_title(
+                f"agreement {comparison['agreement']:.1%}, mean total variation "
+                f"{comparison['mean_total_variation']:.4g}"
+            )
+        else:
+            ax.set_xlabel("prediction")
+            ax.set_title(f"mean |diff| {comparison['mean_abs_diff']:.4g}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)

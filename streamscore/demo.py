@@ -84,13 +84,14 @@ def register_spark_pipeline(spark: Any, name: str, kind: str = "lr", alias: str 
         if kind == "lr"
         else DecisionTreeClassifier(labelCol="label", maxDepth=3, seed=1)
     )
-    stages = [
+    stages: list[Any] = [
         StringIndexer(inputCol="species", outputCol="label"),
         VectorAssembler(inputCols=FEATURES, outputCol="features"),
         clf,
     ]
     model = Pipeline(stages=stages).fit(df)
-    predictions = model.transform(df.drop("species")).select("prediction").toPandas()["prediction"]
+    predictions: Any = model.transform(df.drop("species")).select("prediction").toPandas()
+    predictions = predictions["prediction"]
     mlflow.set_experiment("streamscore-demo-models")
     with mlflow.start_run(run_name=f"train-{name}-spark-{kind}"):
         info = mlflow.spark.log_model(

@@ -73,7 +73,10 @@ def build_gate(
     spark: SparkSession | None,
     client: MlflowClient,
     recent_sample: Callable[[], list[str]] | None = None,
+    source_sample: Callable[[int], list[str]] | None = None,
 ) -> ValidationGate:
+    """The gate; ``source_sample`` reads the newest events of the job's input (default: the
+    configured source's, :func:`source_sampler`)."""
     return ValidationGate(
         client,
         settings.model.name,
@@ -90,7 +93,7 @@ def build_gate(
         partitions=settings.watch.gate_partitions,
         policy=LoadingPolicy(settings.model.allowed_loaders, settings.model.allow_pickle, settings.model.trusted_types),
         input_schema=settings.model.input_schema,
-        source_sample=source_sampler(settings, spark),
+        source_sample=source_sample or source_sampler(settings, spark),
     )
 
 

@@ -334,5 +334,57 @@ def test_backfill_compares_a_spark_ml_version_with_a_pyfunc_one(spark, make_sett
     assert 0 < c["mean_total_variation"] < 1
 
 
+def test_events_a_spark_ml_stage_would_fail_on_are_dead_lettered_not_a_failed_batch(spark, make_settings, tmp_path):
+    """A category the pipeline's StringIndexer never saw (``handleInvalid='error'``) would fail the
+    batch's job, and every restart after it: such rows are dead-lettered with the reason instead."""
+    import mlflow.spark
+    from pyspark.ml import Pipeline
+    from pyspark.ml.classification import LogisticRegression as SparkLR
+    from pyspark.ml.feature import StringIndexer, VectorAssembler
+
+    from streamscore.backfill import run_backfill
+    from streamscore.conf.settings import BackfillRequest
+
+    s = make_settings()
+    X, y = _labelled()
+    X = X.assign(color=np.where(X["petal_length"] > 3, "red", "blue"))
+    train = spark.createDataFrame(X.assign(species=y))
+    pipeline = Pipeline(
+        stages=[
+            StringIndexer(inputCol="species", outputCol="label"),
+            StringIndexer(inputCol="color", outputCol="color_idx"),
+            VectorAssembler(inputCols=[*FEATURES, "color_idx"], outputCol="features"),
+            SparkLR(labelCol="label", maxIter=20),
+        ]
+    ).fit(train)
+    with mlflow.start_run():
+        info = mlflow.spark.log_model(
+            pipeline,
+            artifact_path="model",
+            signature=infer_signature(X, np.zeros(len(X))),
+            registered_model_name=s.model.name,
+            pip_requirements=["pyspark"],
+        )
+    promote(s.model.name, str(info.registered_model_version), "champion")
+    events = X.assign(event_id=[f"c-{i}" for i in range(len(X))], event_time="2026-01-01T00:00:00Z")
+    events.loc[[5, 70, 140], "color"] = "green"  # unseen in training
+    path = str(tmp_path / "colors")
+    spark.createDataFrame(events).write.format("delta").save(path)
+    out, dead = str(tmp_path / "out"), str(tmp_path / "dead")
+
+    summary = run_backfill(
+        s, BackfillRequest.of(input={"kind": "delta", "path": path}, output_path=out, dead_letter_path=dead)
+    )
+
+    assert summary["status"] == "FINISHED"
+    assert (summary["rows_scored"], summary["rows_dead_lettered"]) == (147, 3)
+    lost = _read(spark, dead)
+    assert lost["reason"].str.contains("field 'color': a value the model's StringIndexerModel has no index").all()
+    assert sorted(json.loads(v)["event_id"] for v in lost["raw_value"]) == ["c-140", "c-5", "c-70"]
+    rows = _read(spark, out)
+    own = pipeline.transform(spark.createDataFrame(rows[["event_id", *FEATURES, "color"]])).toPandas()
+    assert (own.set_index("event_id").loc[rows["event_id"], "prediction"].to_numpy() == rows["prediction"]).all()
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-x"]))

@@ -6,8 +6,9 @@ a backfill (one entry point, :meth:`ValidationGate.admit`).
 2. it downloads (within ``download_timeout_s``, else tried again later);
 3. before any of its code runs, its ``MLmodel`` file (plain YAML) passes the loading policy
    (:mod:`~streamscore.registry_watch.policy`: loader module, no pickles or shipped code unless
-   allowed) and its input signature is compatible with the stream's schema (and it predicts the
-   same type); only then is it loaded;
+   allowed) and its input signature (or ``model.input_schema``) is compatible with the stream's
+   schema and its outputs with the output table's columns; only then is it loaded (a Spark ML
+   version on the driver, where its outputs are read off its ``transform``);
 4. it scores a sample through the real Spark UDF without error. The sample is the first of: recent
    valid input rows of the stream, the version's own input example, the newest events of the
    source that parse, rows built from the signature's types (so a fresh stream starts on any

@@ -152,7 +152,7 @@ def spec_from_signature(
         if sig_inputs is not None:
             signed = _features(sig_inputs, event_id_field, event_time_field, model_label)
             declared = InputSpec(event_id_field, event_time_field, features, None)
-            problems = _check_inputs(declared, signed, model_label)
+            problems = _check_inputs(declared, signed)
             if problems:
                 raise SignatureError(f"{model_label} does not fit model.input_schema: " + "; ".join(problems))
     elif sig_inputs is None:
@@ -250,7 +250,7 @@ def _check_names(outputs: tuple[Output, ...], features: tuple[Field, ...], model
         )
 
 
-def _check_inputs(stream: InputSpec, candidate: tuple[Field, ...], model_label: str) -> list[str]:
+def _check_inputs(stream: InputSpec, candidate: tuple[Field, ...]) -> list[str]:
     have = {f.name: f for f in stream.features}
     problems = []
     for f in candidate:
@@ -265,7 +265,7 @@ def _check_inputs(stream: InputSpec, candidate: tuple[Field, ...], model_label: 
 
 def compatible(stream: InputSpec, candidate: InputSpec, model_label: str) -> None:
     """Raise :class:`SignatureError` unless ``candidate`` can score the stream's rows into its table."""
-    problems = _check_inputs(stream, candidate.features, model_label)
+    problems = _check_inputs(stream, candidate.features)
     if isinstance(stream.outputs, tuple) and isinstance(candidate.outputs, tuple):
         problems += _output_problems(stream.outputs, candidate.outputs)
     if problems:

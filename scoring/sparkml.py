@@ -203,40 +203,46 @@ def guards(model: Any, spec: InputSpec) -> list[tuple[Column, str]]:
 
 
 def score_parsed(handle: ModelHandle, parsed: DataFrame, spec: InputSpec) -> DataFrame:
-    """Parsed rows (``ok``, ``reason``, event, features, ...) with the version's outputs: the valid
-    rows transformed, a row without a prediction turned into a dead letter, the invalid rows with
-    null outputs; the same columns, in the same order, as a pyfunc version's result."""
+    """Parsed rows (``ok``, ``reason``, event, features, ...) with the version's outputs, in one
+    pass: rows a stage would raise on become dead letters (:func:`guards`), every row goes through
+    ``transform`` (a row that is not valid with input values the stages take, its outputs then
+    discarded: no split of the rows, so the parse runs once without persisting anything), and a
+    valid row the model gives no prediction becomes a dead letter too."""
     from pyspark.sql import functions as F
 
-    from streamscore.scoring.schema import output_type
-
     model = load(handle)
-    names = [o.name for o in spec.output_list]
-    rest = [c for c in parsed.columns if c not in ("ok", "reason")]
     checks = guards(model, spec)
-    if checks:  # rows a stage would raise on leave the valid rows with the reason, before transform
-        guarded = F.lit(None).cast("string")
-        for cond, reason in reversed(checks):
-            guarded = F.when(cond, F.lit(f"{INPUT_REFUSED}{reason} ({handle.label})")).otherwise(guarded)
-        parsed = parsed.select(
-            (F.col("ok") & guarded.isNull()).alias("ok"),
-            F.when(F.col("ok"), guarded).otherwise(F.col("reason")).alias("reason"),
-            *[F.col(f"`{c}`") for c in rest],
-        )
-    applied = apply(model, parsed.where("ok"), spec)
+    guarded = F.lit(None).cast("string")
+    for cond, reason in reversed(checks):
+        guarded = F.when(cond, F.lit(f"{INPUT_REFUSED}{reason} ({handle.label})")).otherwise(guarded)
+    ok = F.col("ok") & guarded.isNull()
+    safe = known_values(model)
+    features = {f.name: f for f in spec.features}
+    placeholders = {
+        name: F.lit(safe[name][0]) if safe.get(name) else F.lit(0).cast(f.type) if f.type != "string" else F.lit("")
+        for name, f in features.items()
+    }
+    frame = parsed.select(
+        ok.alias("ok"),
+        F.when(F.col("ok"), guarded).otherwise(F.col("reason")).alias("reason"),
+        *[
+            (F.when(ok, F.col(f"`{c}`")).otherwise(placeholders[c]) if c in features else F.col(f"`{c}`")).alias(c)
+            for c in parsed.columns
+            if c not in ("ok", "reason")
+        ],
+    )
+    applied = apply(model, frame, spec)
     pred = F.col(f"`{spec.primary.name}`")
     missing = pred.isNull() | (F.isnan(pred) if spec.primary.type in ("double", "float") else F.lit(False))
-    why = F.when(missing, F.lit(f"model error: no prediction (null) for this row ({handle.label})"))
-    valid = applied.select(
-        why.isNull().alias("ok"),
-        why.alias("reason"),
-        *[F.col(f"`{c}`") for c in rest],
-        *[F.when(why.isNull(), F.col(f"`{n}`")).alias(n) for n in names],
+    why = F.when(F.col("ok") & missing, F.lit(f"model error: no prediction (null) for this row ({handle.label})"))
+    scored = F.col("ok") & ~missing
+    names = {o.name for o in spec.output_list}
+    return applied.select(
+        scored.alias("ok"),
+        F.coalesce(why, F.col("reason")).alias("reason"),
+        *[
+            (F.when(scored, F.col(f"`{c}`")) if c in names else F.col(f"`{c}`")).alias(c)
+            for c in applied.columns
+            if c not in ("ok", "reason")
+        ],
     )
-    invalid = parsed.where("NOT ok").select(
-        "ok",
-        "reason",
-        *[F.col(f"`{c}`") for c in rest],
-        *[F.lit(None).cast(output_type(o)).alias(o.name) for o in spec.output_list],
-    )
-    return valid.unionByName(invalid)

@@ -7,7 +7,6 @@ row; :func:`scored_rows` and :func:`dead_letter_rows` project its result onto th
 
 from __future__ import annotations
 
-from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
@@ -24,7 +23,6 @@ def score(
     spec: InputSpec,
     batch_id: int,
     keep_valid_raw: bool = True,
-    hold: list[DataFrame] | None = None,
 ) -> DataFrame:
     """Every input row comes out once: ``ok`` rows carry features + the model's outputs, others
     ``reason``.
@@ -34,17 +32,12 @@ def score(
     batch does not carry every payload a second time for nothing.
 
     A pyfunc version is one pandas UDF (parse + predict). A Spark ML version
-    (:mod:`~streamscore.scoring.sparkml`) is a parse UDF, then ``transform`` on the valid rows;
-    with ``hold`` the parsed rows are persisted once (so the parse runs once per row although valid
-    and invalid rows go separate ways) and appended to ``hold`` for the caller to release."""
+    (:mod:`~streamscore.scoring.sparkml`) is a parse UDF, then the pipeline's ``transform``."""
     if handle.flavor == "spark":
         from streamscore.scoring import sparkml
 
         parsed = events.select(make_parse_udf(spec)(F.col(schema.VALUE)).alias("r"), schema.VALUE, *COORDINATES)
         parsed = parsed.select("r.*", schema.VALUE, *COORDINATES)
-        if hold is not None:
-            parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
-            hold.append(parsed)
         flat = sparkml.score_parsed(handle, parsed, spec)
     else:
         udf = make_score_udf(handle, spec)

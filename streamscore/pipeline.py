@@ -74,8 +74,7 @@ def score_and_write(
     ``count_first``: count in a job of its own before writing. A batch that may already be written
     (a replay after a crash) needs it: Delta skips its write, so the write observes nothing."""
     t0 = time.time()
-    held: list[DataFrame] = []
-    results = score(events, handle, spec, batch_id, keep_valid_raw, hold=held).persist(StorageLevel.MEMORY_AND_DISK)
+    results = score(events, handle, spec, batch_id, keep_valid_raw).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         if count_first:
             scored, dead = _count(results)
@@ -94,8 +93,6 @@ def score_and_write(
         t_done = time.time()
     finally:
         results.unpersist()
-        for frame in held:
-            frame.unpersist()
     return Outcome(scored, dead, t_write - t0, t_done - t_write)
 
 

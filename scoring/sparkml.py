@@ -122,7 +122,8 @@ def class_labels(model: Any) -> tuple[str, ...] | None:
         return None
     label_col = final.getOrDefault("labelCol") if final.hasParam("labelCol") else None
     for s in stages(model):
-        if type(s).__name__ == "StringIndexerModel" and s.getOrDefault("outputCol") == label_col:
+        single = type(s).__name__ == "StringIndexerModel" and not s.isSet("inputCols")
+        if single and s.isDefined("outputCol") and s.getOrDefault("outputCol") == label_col:
             labels = list(s.labels)
             if len(labels) == n:
                 return tuple(str(x) for x in labels)

@@ -158,9 +158,7 @@ class ValidationGate:
         serving_spec = stream_spec or spec
         classes = sparkml.class_labels(model) if native else _class_labels(model, serving_spec)
         if stream_spec is not None:  # the table's outputs, as this version returns them
-            assert isinstance(spec.outputs, tuple)
-            mine = {o.name: o for o in spec.outputs}
-            serving_spec = replace(stream_spec, outputs=tuple(mine[o.name] for o in stream_spec.output_list))
+            serving_spec = replace(stream_spec, outputs=_in_table_order(stream_spec, spec.output_list))
         handle = replace(handle, classes=classes, outputs=serving_spec.output_list)
         # the stream's first version: no batch runs yet, so every core scores the sample, which also
         # starts and warms each Python worker (imports, model load) before the first batch needs it
@@ -203,6 +201,23 @@ class ValidationGate:
         if have != want:
             missing = "missing" if have is None else repr(have)
             raise GateRefused(str(mv.version), f"required tag {key}={want} is {missing}")
+
+    def own_outputs(self, model_dir: str, stream_spec: InputSpec) -> tuple[Output, ...] | None:
+        """The table's outputs as the version at ``model_dir`` returns them, from its output
+        signature (a version replayed without the gate); None when that cannot be read or does
+        not match the table's columns (the stream's own layout is used then)."""
+        from mlflow.models import Model
+
+        try:
+            meta = Model.load(model_dir)
+            if sparkml.flavor_of(model_dir) == "spark" or meta.signature is None or meta.signature.outputs is None:
+                return None
+            predict_fn = (meta.flavors.get("python_function") or {}).get("predict_fn")
+            own = outputs_from_schema(meta.signature.outputs, model_dir, predict_fn, stream_spec.features)
+            return _in_table_order(stream_spec, own)
+        except (SignatureError, KeyError, OSError, ValueError) as e:
+            log.warning("the outputs of %s cannot be read (%s); its batch is scored with the stream's", model_dir, e)
+            return None
 
     def _load(self, handle: ModelHandle, version: str) -> Any:
         """The version loaded on the driver: its pyfunc, or a Spark ML version's pipeline model."""
@@ -344,6 +359,13 @@ class ValidationGate:
             reasons = []  # rows the model declares it cannot take (see sparkml.guards); the rest scored
         if reasons:
             raise GateRefused(version, f"scoring the {n}-row sample failed ({origin}): {reasons[0]}")
+
+
+def _in_table_order(stream_spec: InputSpec, own: tuple[Output, ...]) -> tuple[Output, ...]:
+    """A version's own outputs in the order of the table's (the same names: the gate checked it,
+    else KeyError)."""
+    mine = {o.name: o for o in own}
+    return tuple(mine[o.name] for o in stream_spec.output_list)
 
 
 def _input_example(meta: Any, model_dir: str) -> Any:

@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -382,13 +382,16 @@ class RegistryWatcher:
     def _handle_for(self, rec: dict[str, Any]) -> ModelHandle:
         """The version a ledger record names: from its local files when they are there (a replay
         after a crash does not need the registry), else downloaded again."""
-        local = local_handle(
+        handle = local_handle(
             self.gate.models_dir, rec["name"], str(rec["version"]), rec.get("run_id") or "", self.gate.spark
         )
-        if local is not None:
-            return local
-        mv = self.client.get_model_version(rec["name"], rec["version"])
-        return materialize(self.client, mv, self.gate.models_dir, self.gate.spark)
+        if handle is None:
+            mv = self.client.get_model_version(rec["name"], rec["version"])
+            handle = materialize(self.client, mv, self.gate.models_dir, self.gate.spark)
+        # where this version puts the table's outputs in what it returns (it may differ from the
+        # serving version's: a tensor against a DataFrame's columns)
+        outputs = self.gate.own_outputs(handle.local_path, self.spec) if self.spec is not None else None
+        return replace(handle, outputs=outputs)
 
     # -- background polling --------------------------------------------------------------------
     def start_background(self) -> None:

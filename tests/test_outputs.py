@@ -189,3 +189,46 @@ def test_a_model_s_only_output_is_the_prediction_column_whatever_its_name(data):
     for only in (pd.Series(y.to_numpy(), name="species"), pd.DataFrame({"score": np.ones(len(X))}), y.to_numpy()):
         (out,) = _spec(X, only).output_list
         assert out.name == "prediction" and not out.array
+
+
+def test_a_replayed_version_is_scored_with_its_own_output_layout(data, tmp_path):
+    """A stream whose table came from a Spark ML version (``prediction``, ``probabilities``) replays
+    a batch of a pyfunc version returning a DataFrame with those columns: the watcher reads that
+    version's layout from its MLmodel file (nothing of it loaded), and its rows score."""
+    from dataclasses import replace
+
+    import mlflow.pyfunc
+
+    from streamscore.registry_watch.gate import ValidationGate
+    from streamscore.scoring.spec import Output
+
+    X, y = data
+    clf = LogisticRegression(max_iter=300).fit(X, y)
+
+    class Frame(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            p = clf.predict_proba(model_input[FEATURES])
+            return pd.DataFrame({"prediction": p.argmax(axis=1).astype(float), "probabilities": list(p)})
+
+    frame = Frame().predict(None, X.head(5))
+    path = tmp_path / "frame-model"
+    mlflow.pyfunc.save_model(str(path), python_model=Frame(), signature=infer_signature(X, frame))
+    table = (Output("prediction", "double"), Output("probabilities", "double", array=True, length=3))
+    stream = spec_from_signature(infer_signature(X, np.zeros(len(X))), "event_id", "event_time", "m")
+    stream = replace(stream, outputs=table)
+    gate = ValidationGate(None, "m", tmp_path, "event_id", "event_time")  # type: ignore[arg-type]
+
+    own = gate.own_outputs(str(path), stream)
+
+    assert own is not None
+    assert [(o.name, o.key) for o in own] == [("prediction", "prediction"), ("probabilities", "probabilities")]
+
+    class Loaded:  # what the loaded pyfunc does, without loading it
+        def predict(self, frame):
+            return Frame().predict(None, frame)
+
+    with_stream_layout = score_chunk(_events(X.head(10)), stream, Loaded())
+    assert not with_stream_layout["ok"].any()  # the first version's layout does not fit this one
+    scored = score_chunk(_events(X.head(10)), replace(stream, outputs=own), Loaded())
+    assert scored["ok"].all()
+    assert np.array_equal(np.stack(scored["probabilities"].to_numpy()), clf.predict_proba(X.head(10)))

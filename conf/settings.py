@@ -12,7 +12,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -29,6 +29,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from streamscore.errors import ConfigError
+
+if TYPE_CHECKING:
+    from streamscore.scoring.tables import TableRef
 
 __all__ = ["ConfigError", "Settings", "load_settings", "parse_overrides"]
 
@@ -71,9 +74,31 @@ class KafkaSource(_Section):
     security_protocol: Literal["SASL_SSL", "SASL_PLAINTEXT"] = "SASL_SSL"  # with SASL credentials
 
 
+def _table_name(v: str | None) -> str | None:
+    from streamscore.scoring.tables import check_name
+
+    return None if v is None else check_name(v)
+
+
+TableName = Annotated[str, AfterValidator(_table_name)]
+
+
+def _one_of(name: str | None, path: str | None, name_key: str, path_key: str) -> None:
+    if name is not None and path is not None:
+        raise ValueError(
+            f"{name_key}={name!r} and {path_key}={path!r} both name the table: give the name or the path, not both"
+        )
+
+
 class DeltaSource(_Section):
     path: str | None = None
+    table: TableName | None = None  # a catalog name instead of a path
     max_files_per_trigger: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _name_or_path(self) -> DeltaSource:
+        _one_of(self.table, self.path, "source.delta.table", "source.delta.path")
+        return self
 
 
 class SourceSettings(_Section):
@@ -86,17 +111,54 @@ class SourceSettings(_Section):
 
     @model_validator(mode="after")
     def _delta_needs_path(self) -> SourceSettings:
-        if self.kind == "delta" and not self.delta.path:
-            raise ValueError("source.delta.path is required when source.kind is 'delta'")
+        if self.kind == "delta" and not (self.delta.path or self.delta.table):
+            raise ValueError("source.delta.table or source.delta.path is required when source.kind is 'delta'")
         return self
 
 
 class SinkSettings(_Section):
-    output_path: str = "tables/scored"
-    dead_letter_path: str = "tables/dead_letter"
+    output_table: TableName | None = None  # a catalog name (schema.table, catalog.schema.table) ...
+    dead_letter_table: TableName | None = None
+    output_path: str | None = None  # ... or a location; neither: <home>/tables/scored
+    dead_letter_path: str | None = None  # neither: <home>/tables/dead_letter
     checkpoint_path: str = "checkpoints/stream"
     app_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # in Delta txn ids, names
     warm_snapshots: bool = True  # read the tables' Delta state between batches, not inside each write
+    change_data_feed: bool = True  # tables the job creates record row changes (delta.enableChangeDataFeed)
+
+    @model_validator(mode="after")
+    def _name_or_path(self) -> SinkSettings:
+        _one_of(self.output_table, self.output_path, "sink.output_table", "sink.output_path")
+        _one_of(self.dead_letter_table, self.dead_letter_path, "sink.dead_letter_table", "sink.dead_letter_path")
+        return self
+
+
+class CatalogSettings(_Section):
+    """Where table names are looked up. ``metastore``: a Hive metastore's ``thrift://`` URI (on
+    loopback: the one ``streamscore services`` runs), or ``session`` for the catalog the Spark
+    session already has (Databricks: Unity Catalog). Used only by jobs that name a table, unless
+    ``connect`` is ``always``."""
+
+    metastore: str = "thrift://127.0.0.1:9083"
+    connect: Literal["when-named", "always"] = "when-named"
+    create_schemas: bool = True  # a named table's missing schema is created (false: refused, naming the fix)
+
+    @field_validator("metastore")
+    @classmethod
+    def _metastore(cls, v: str) -> str:
+        if v != "session" and not re.match(r"^thrift://[^/:]+:\d+$", v):
+            raise ValueError(f"expected 'session' or thrift://host:port, got {v!r}")
+        return v
+
+    @property
+    def local(self) -> bool:
+        """The metastore is the local service (a loopback thrift URI)."""
+        host = self.metastore.removeprefix("thrift://").rsplit(":", 1)[0]
+        return self.metastore != "session" and host in ("127.0.0.1", "localhost")
+
+    @property
+    def port(self) -> int | None:
+        return None if self.metastore == "session" else int(self.metastore.rsplit(":", 1)[1])
 
 
 class TriggerSettings(_Section):
@@ -333,6 +395,7 @@ class Settings(BaseSettings):
     spark: SparkSettings = SparkSettings()
     source: SourceSettings = SourceSettings()
     sink: SinkSettings = SinkSettings()
+    catalog: CatalogSettings = CatalogSettings()
     trigger: TriggerSettings = TriggerSettings()
     model: ModelSettings = ModelSettings()
     tracking: TrackingSettings = TrackingSettings()
@@ -359,6 +422,13 @@ class Settings(BaseSettings):
         return (_CliSource(settings_cls), env_settings, init_settings)
 
     @model_validator(mode="after")
+    def _names_fit_the_catalog(self) -> Settings:
+        if self.catalog.metastore != "session":
+            for name in self.table_names:
+                check_metastore_name(name, self.catalog.metastore)
+        return self
+
+    @model_validator(mode="after")
     def _unity_catalog_ref(self) -> Settings:
         from streamscore.registry_watch.resolve import ModelRef, check_uc_ref, is_unity_catalog
 
@@ -379,12 +449,42 @@ class Settings(BaseSettings):
         return str(self.home / value)
 
     @property
+    def output_table(self) -> TableRef:
+        return self.table(self.sink.output_table, self.sink.output_path or "tables/scored")
+
+    @property
+    def dead_letter_table(self) -> TableRef:
+        return self.table(self.sink.dead_letter_table, self.sink.dead_letter_path or "tables/dead_letter")
+
+    @property
     def output_path(self) -> str:
-        return self.path(self.sink.output_path)
+        """The output table's path, or its name when it is named."""
+        return str(self.output_table)
 
     @property
     def dead_letter_path(self) -> str:
-        return self.path(self.sink.dead_letter_path)
+        return str(self.dead_letter_table)
+
+    @property
+    def source_table(self) -> TableRef | None:
+        d = self.source.delta
+        return None if not (d.table or d.path) else self.table(d.table, d.path or "")
+
+    def table(self, name: str | None, path: str) -> TableRef:
+        """A table by ``name`` when there is one, else at ``path`` (relative: under app.home)."""
+        from streamscore.scoring.tables import TableRef
+
+        return TableRef.named(name) if name else TableRef.at(self.path(path))
+
+    @property
+    def table_names(self) -> list[str]:
+        """The catalog names this job's settings use."""
+        return [n for n in (self.sink.output_table, self.sink.dead_letter_table, self.source.delta.table) if n]
+
+    @property
+    def uses_catalog(self) -> bool:
+        """The Spark session must reach the configured metastore (a name is used, or always)."""
+        return self.catalog.metastore != "session" and (bool(self.table_names) or self.catalog.connect == "always")
 
     @property
     def checkpoint_path(self) -> str:
@@ -407,6 +507,20 @@ class Settings(BaseSettings):
                 if CREDENTIAL_KEY.search(key):
                     options[key] = MASK
         return out
+
+
+def check_metastore_name(name: str, metastore: str) -> None:
+    """A Hive metastore has one catalog, Spark's session catalog: a three-level name must start
+    with ``spark_catalog`` (a Unity Catalog name needs ``catalog.metastore=session`` on Databricks)."""
+    from streamscore.scoring.tables import SESSION_CATALOG, name_parts
+
+    parts = name_parts(name)
+    if len(parts) == 3 and parts[0] != SESSION_CATALOG:
+        raise ValueError(
+            f"table {name!r}: the metastore {metastore} has one catalog, {SESSION_CATALOG}; name the table "
+            f"{'.'.join(parts[1:])} (schema.table), or set catalog.metastore=session where the Spark session "
+            f"has catalog {parts[0]!r} (Unity Catalog on Databricks)"
+        )
 
 
 _CLI_OVERRIDES: dict[str, Any] = {}
@@ -539,7 +653,8 @@ class DeltaSlice(_Section):
     """A Delta table, optionally time-travelled (``version`` or ``timestamp``) and filtered."""
 
     kind: Literal["delta"] = "delta"
-    path: str
+    path: str | None = None
+    table: TableName | None = None  # a catalog name instead of a path
     version: int | None = Field(None, ge=0)
     timestamp: str | None = None
     where: str | None = None
@@ -548,6 +663,8 @@ class DeltaSlice(_Section):
     def _one_time_travel(self) -> DeltaSlice:
         if self.version is not None and self.timestamp is not None:
             raise ValueError("give either --as-of-version or --as-of-timestamp, not both")
+        if (self.path is None) == (self.table is None):
+            raise ValueError("give the input table's name (--table) or its path (--delta), one of them")
         return self
 
 
@@ -576,6 +693,19 @@ class BackfillRequest(_Section):
     chunks: int = Field(1, ge=1, le=10_000)
     output_path: str | None = None  # default: <home>/tables/backfill
     dead_letter_path: str | None = None  # default: <home>/tables/backfill_dead_letter
+    output_table: TableName | None = None  # a catalog name instead of output_path
+    dead_letter_table: TableName | None = None
+
+    @model_validator(mode="after")
+    def _name_or_path(self) -> BackfillRequest:
+        _one_of(self.output_table, self.output_path, "--output-table", "--output")
+        _one_of(self.dead_letter_table, self.dead_letter_path, "--dead-letter-table", "--dead-letter")
+        return self
+
+    @property
+    def table_names(self) -> list[str]:
+        inp = self.input.table if isinstance(self.input, DeltaSlice) else None
+        return [n for n in (inp, self.output_table, self.dead_letter_table) if n]
 
     @classmethod
     def of(cls, **values: Any) -> BackfillRequest:

@@ -1,9 +1,10 @@
-"""Local services, real ones: a single-node KRaft Kafka broker and an MLflow tracking server.
+"""Local services, real ones: a single-node KRaft Kafka broker, an MLflow tracking server and the
+Hive metastore that holds the table names (the local catalog, see :class:`MetastoreService`).
 
 Each service keeps its state under ``<home>/services/<name>/`` (data, ``<name>.log``, ``<name>.pid``).
 ``start`` is idempotent (a running service is left alone), ``stop`` terminates the process group,
 ``status`` reports pid, port and health. Ports come from the arguments or from
-``STREAMSCORE_KAFKA_PORT`` / ``STREAMSCORE_MLFLOW_PORT``.
+``STREAMSCORE_KAFKA_PORT`` / ``STREAMSCORE_MLFLOW_PORT`` / ``STREAMSCORE_METASTORE_PORT``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ S = TypeVar("S", bound="Service")
 
 DEFAULT_KAFKA_PORT = int(os.environ.get("STREAMSCORE_KAFKA_PORT", "9092"))
 DEFAULT_MLFLOW_PORT = int(os.environ.get("STREAMSCORE_MLFLOW_PORT", "5055"))
+DEFAULT_METASTORE_PORT = int(os.environ.get("STREAMSCORE_METASTORE_PORT", "9083"))
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -367,6 +369,64 @@ class MlflowService(Service):
                 return r.status == 200
         except Exception:  # noqa: BLE001 - unhealthy, whatever the cause
             return False
+
+
+class MetastoreService(Service):
+    """The local catalog: Hive's metastore as a Thrift service, from the jars pyspark ships (no
+    download), its Derby database and the managed tables' warehouse under the service's folder.
+
+    One process owns the Derby database; every Spark session (the jobs, their subprocesses, a
+    test's own session) reaches the same names through ``thrift://127.0.0.1:<port>``. Open-source
+    Unity Catalog publishes no server on Maven Central, so this is the catalog that runs here: names
+    are two-level (``schema.table``), as in Spark's session catalog."""
+
+    def __init__(self, home: Path, port: int = DEFAULT_METASTORE_PORT):
+        super().__init__("metastore", home, port)
+
+    @property
+    def address(self) -> str:
+        return f"thrift://127.0.0.1:{self.port}"
+
+    @property
+    def warehouse(self) -> Path:
+        return warehouse_dir(self.home)
+
+    def command(self) -> list[str]:
+        import pyspark
+
+        java = os.path.join(os.environ["JAVA_HOME"], "bin", "java") if os.environ.get("JAVA_HOME") else "java"
+        cp = str(Path(pyspark.__file__).parent / "jars") + "/*"
+        conf = {
+            "hive.async.log.enabled": "false",  # Hive's async logger needs a jar pyspark does not ship
+            "javax.jdo.option.ConnectionURL": f"jdbc:derby:;databaseName={self.dir / 'metastore_db'};create=true",
+            "datanucleus.schema.autoCreateAll": "true",
+            "hive.metastore.schema.verification": "false",
+            "hive.metastore.warehouse.dir": str(self.warehouse),
+        }
+        args = [
+            java,
+            "-Xms64m",
+            "-Xmx384m",
+            f"-Dderby.stream.error.file={self.dir / 'derby.log'}",
+            f"-Dhive.log.dir={self.dir}",
+            "-Dhive.log.file=metastore-hive.log",
+            "-cp",
+            cp,
+            "org.apache.hadoop.hive.metastore.HiveMetaStore",
+            "-p",
+            str(self.port),
+        ]
+        for key, value in conf.items():
+            args += ["--hiveconf", f"{key}={value}"]
+        return args
+
+    def prepare(self) -> None:
+        self.warehouse.mkdir(parents=True, exist_ok=True)
+
+
+def warehouse_dir(home: Path) -> Path:
+    """Where the local catalog keeps managed tables (``<schema>.db/<table>``)."""
+    return home / "services" / "metastore" / "warehouse"
 
 
 def all_services(home: Path, kafka_port: int | None = None, mlflow_port: int | None = None) -> list[Service]:

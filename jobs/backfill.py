@@ -1,12 +1,13 @@
 """``streamscore backfill``: score a bounded input with the stream's pipeline, idempotently.
 
-Input: ``--delta PATH`` (optionally ``--as-of-version``/``--as-of-timestamp``, ``--where SQL``) or
+Input: ``--delta PATH`` or ``--table NAME`` (optionally ``--as-of-version``/``--as-of-timestamp``, ``--where SQL``) or
 ``--kafka`` (the configured topic; ``--starting-offsets``/``--ending-offsets`` as Spark offset
 specs: ``earliest``, ``latest`` or JSON like ``{"topic":{"0":10,"1":12}}``; or
 ``--starting-timestamp``/``--ending-timestamp`` in epoch milliseconds). The model reference
 (``--model-ref``, default ``model.ref``) is resolved once. A rerun with the same input, range and
-version replaces its own slice of the output; ``--compare-with REF`` also scores the input with a
-second version and reports agreement and the prediction distribution shift to MLflow."""
+version replaces its own slice of the output (``--output`` PATH or ``--output-table`` NAME);
+``--compare-with REF`` also scores the input with a second version and reports agreement and the
+prediction distribution shift to MLflow."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p = p or ArgumentParser(prog="streamscore backfill", description=__doc__)
     add_settings_args(p)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--delta", metavar="PATH", help="Delta table to score")
+    src.add_argument("--delta", metavar="PATH", help="Delta table to score, by path")
+    src.add_argument("--table", metavar="NAME", help="Delta table to score, by catalog name (schema.table)")
     src.add_argument("--kafka", action="store_true", help="score a range of the configured Kafka topic")
     p.add_argument("--as-of-version", type=int, help="Delta time travel: table version")
     p.add_argument("--as-of-timestamp", help="Delta time travel: timestamp")
@@ -37,15 +39,18 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--chunks", type=int, default=1, help="score in N parts, each written when done (default 1)")
     p.add_argument("--output", help="output Delta table (default <home>/tables/backfill)")
     p.add_argument("--dead-letter", help="dead-letter Delta table (default <home>/tables/backfill_dead_letter)")
+    p.add_argument("--output-table", metavar="NAME", help="output table by catalog name, instead of --output")
+    p.add_argument("--dead-letter-table", metavar="NAME", help="dead-letter table by catalog name")
     return p
 
 
 def request_from_args(args: argparse.Namespace) -> BackfillRequest:
     inp: dict[str, Any]
-    if args.delta:
+    if args.delta or args.table:
         inp = {
             "kind": "delta",
             "path": args.delta,
+            "table": args.table,
             "version": args.as_of_version,
             "timestamp": args.as_of_timestamp,
             "where": args.where,
@@ -66,6 +71,8 @@ def request_from_args(args: argparse.Namespace) -> BackfillRequest:
         chunks=args.chunks,
         output_path=args.output,
         dead_letter_path=args.dead_letter,
+        output_table=args.output_table,
+        dead_letter_table=args.dead_letter_table,
     )
 
 

@@ -1,4 +1,5 @@
-"""``streamscore services start|stop|status|jars``: the local Kafka broker and MLflow server.
+"""``streamscore services start|stop|status|jars``: the local Kafka broker, MLflow server and the
+catalog's metastore (table names).
 
 Ports follow the settings (``source.kafka.bootstrap_servers`` and ``tracking.uri``), state and logs
 live under ``<app.home>/services/``. ``jars`` resolves the JVM jars (Spark's Kafka connector, Delta,
@@ -22,14 +23,20 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p = p or ArgumentParser(prog="streamscore services", description=__doc__)
     p.add_argument("action", choices=["start", "stop", "status", "jars"])
     p.add_argument(
-        "which", nargs="*", choices=["kafka", "mlflow", []], default=[], help="services to act on (default: all)"
+        "which",
+        nargs="*",
+        choices=["kafka", "mlflow", "metastore", []],
+        default=[],
+        help="services to act on (default: all)",
     )
     add_settings_args(p)
     return p
 
 
 def services_for(settings: Settings) -> list[Service]:
-    from streamscore.infra.services import KafkaService, MlflowService
+    """The local services the settings point at: the broker, the tracking server on loopback, the
+    local catalog's metastore (a loopback ``catalog.metastore``)."""
+    from streamscore.infra.services import KafkaService, MetastoreService, MlflowService
 
     kafka_port = int(settings.source.kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
     out: list[Service] = [KafkaService(settings.home, kafka_port)]
@@ -37,11 +44,14 @@ def services_for(settings: Settings) -> list[Service]:
     parsed = urlparse(uri)
     if parsed.scheme == "http" and parsed.hostname in ("127.0.0.1", "localhost"):
         out.append(MlflowService(settings.home, parsed.port or 80))
+    if settings.catalog.local and settings.catalog.port:
+        out.append(MetastoreService(settings.home, settings.catalog.port))
     return out
 
 
 def start_all(settings: Settings) -> list[dict[str, Any]]:
-    return [s.start() for s in services_for(settings)]
+    """The services a job with these settings needs (the metastore only when it names tables)."""
+    return [s.start() for s in services_for(settings) if s.name != "metastore" or settings.uses_catalog]
 
 
 def _run(args: argparse.Namespace) -> Summary:

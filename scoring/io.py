@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pyspark.sql import DataFrame, SparkSession
@@ -21,6 +22,7 @@ from pyspark.sql.types import StructType
 
 from streamscore.errors import SinkError
 from streamscore.scoring.schema import VALUE
+from streamscore.scoring.tables import TableRef
 from streamscore.scoring.transform import as_events
 
 log = logging.getLogger(__name__)
@@ -92,22 +94,33 @@ def read_kafka_range(
     return _kafka_columns(spark.read.format("kafka").options(**opts).load())
 
 
-def _delta_columns(df: DataFrame, path: str) -> DataFrame:
-    """Each row becomes a JSON event; the table path is its coordinate."""
+def _delta_columns(df: DataFrame, table: TableRef) -> DataFrame:
+    """Each row becomes a JSON event; the table (its name, else its path) is its coordinate."""
     payload = F.to_json(F.struct(*[F.col(f"`{c}`") for c in df.columns])).alias(VALUE)
-    return as_events(df.select(payload), path)
+    return as_events(df.select(payload), str(table))
 
 
-def read_delta_stream(spark: SparkSession, delta: Any) -> DataFrame:
+def _load(reader: Any, table: TableRef) -> DataFrame:
+    """``reader`` (batch or streaming, format delta) on ``table``: by name through the catalog,
+    else by path."""
+    return reader.table(table.name) if table.name is not None else reader.load(table.path)
+
+
+def read_table(spark: SparkSession, table: TableRef) -> DataFrame:
+    """The table's rows as they are (no event conversion)."""
+    return _load(spark.read.format("delta"), table)
+
+
+def read_delta_stream(spark: SparkSession, table: TableRef, max_files_per_trigger: int | None = None) -> DataFrame:
     reader = spark.readStream.format("delta")
-    if delta.max_files_per_trigger:
-        reader = reader.option("maxFilesPerTrigger", str(delta.max_files_per_trigger))
-    return _delta_columns(reader.load(delta.path), delta.path)
+    if max_files_per_trigger:
+        reader = reader.option("maxFilesPerTrigger", str(max_files_per_trigger))
+    return _delta_columns(_load(reader, table), table)
 
 
 def read_delta_table(
     spark: SparkSession,
-    path: str,
+    table: TableRef,
     version: int | None = None,
     timestamp: str | None = None,
     where: str | None = None,
@@ -117,10 +130,10 @@ def read_delta_table(
         reader = reader.option("versionAsOf", version)
     if timestamp is not None:
         reader = reader.option("timestampAsOf", timestamp)
-    df = reader.load(path)
+    df = _load(reader, table)
     if where:
         df = df.where(where)
-    return _delta_columns(df, path)
+    return _delta_columns(df, table)
 
 
 def newest_kafka_values(conf: dict[str, Any], topic: str, n: int, timeout_s: float) -> list[str]:
@@ -157,9 +170,9 @@ def newest_kafka_values(conf: dict[str, Any], topic: str, n: int, timeout_s: flo
         consumer.close()
 
 
-def newest_delta_values(spark: SparkSession, path: str, n: int) -> list[str]:
+def newest_delta_values(spark: SparkSession, table: TableRef, n: int) -> list[str]:
     """Up to ``n`` rows of a Delta source table as the JSON events the stream makes of them."""
-    rows = _delta_columns(spark.read.format("delta").load(path), path).limit(n).collect()
+    rows = _delta_columns(read_table(spark, table), table).limit(n).collect()
     return [r[VALUE] for r in rows]
 
 
@@ -203,20 +216,52 @@ class HadoopFile:
             out.close()
 
 
-def has_rows(spark: SparkSession, path: str) -> bool:
-    return bool(spark.read.format("delta").load(path).limit(1).count())
+def has_rows(spark: SparkSession, table: TableRef) -> bool:
+    return bool(read_table(spark, table).limit(1).count())
 
 
-def ensure_delta_table(spark: SparkSession, path: str, schema: StructType, writer: str = "this job") -> None:
-    """Create an empty Delta table with ``schema`` at ``path`` unless one is there; an existing table
-    must have every column of ``schema`` with its type (else :class:`SinkError` before any write:
-    Delta would refuse the first append, and a restarted stream would fail on every batch)."""
+def table_exists(spark: SparkSession, table: TableRef) -> bool:
     from delta.tables import DeltaTable
 
-    if not DeltaTable.isDeltaTable(spark, path):
-        spark.createDataFrame([], schema).write.format("delta").mode("append").save(path)
+    if table.name is not None:
+        return bool(spark.catalog.tableExists(table.name))
+    return bool(DeltaTable.isDeltaTable(spark, str(table.path)))
+
+
+def location(spark: SparkSession, table: TableRef) -> str:
+    """Where the table's files are (a named table's from the catalog)."""
+    if table.path is not None:
+        return table.path
+    row = spark.sql(f"DESCRIBE DETAIL {table.sql}").select("location").first()
+    if row is None or not row["location"]:
+        raise SinkError(f"the catalog gives no location for table {table}")
+    return str(row["location"])
+
+
+@dataclass(frozen=True)
+class Creation:
+    """How a job creates a table that is not there yet."""
+
+    change_data_feed: bool = False  # delta.enableChangeDataFeed: row changes for readers downstream
+    create_schema: bool = True  # a named table's missing schema is created (False: SinkError naming the fix)
+
+
+def ensure_delta_table(
+    spark: SparkSession,
+    table: TableRef,
+    schema: StructType,
+    writer: str = "this job",
+    creation: Creation = Creation(),
+) -> None:
+    """Create an empty Delta table with ``schema`` unless ``table`` exists (by name: a managed
+    table of the catalog; with ``change_data_feed``, row changes recorded for readers such as
+    Lakehouse Monitoring); an existing table must have every column of ``schema`` with its type
+    (else :class:`SinkError` before any write: Delta would refuse the first append, and a restarted
+    stream would fail on every batch)."""
+    if not table_exists(spark, table):
+        _create(spark, table, schema, creation.change_data_feed, creation.create_schema)
         return
-    have = {f.name: f.dataType for f in spark.read.format("delta").load(path).schema.fields}
+    have = {f.name: f.dataType for f in read_table(spark, table).schema.fields}
     problems = [
         f"column {f.name!r} is missing"
         if f.name not in have
@@ -226,33 +271,54 @@ def ensure_delta_table(spark: SparkSession, path: str, schema: StructType, write
     ]
     if problems:
         raise SinkError(
-            f"Delta table {path} does not fit {writer}: "
+            f"Delta table {table} does not fit {writer}: "
             + "; ".join(problems)
             + " (serve a version with the table's schema, or write to a new table)"
         )
 
 
+def _create(spark: SparkSession, table: TableRef, schema: StructType, cdf: bool, create_schema: bool) -> None:
+    writer = spark.createDataFrame([], schema).write.format("delta").mode("append")
+    if cdf:  # a table property from its first version on (a reader of changes may start at 0)
+        writer = writer.option("delta.enableChangeDataFeed", "true")
+    if table.name is None:
+        writer.save(table.path)
+        return
+    db = table.schema
+    assert db is not None
+    if not spark.catalog.databaseExists(db.replace("`", "")):
+        if not create_schema:
+            raise SinkError(
+                f"schema {db} of table {table} does not exist: create it (CREATE SCHEMA {db}), "
+                "or name a table in an existing schema"
+            )
+        spark.sql(f"CREATE SCHEMA IF NOT EXISTS {db}")
+    try:
+        writer.saveAsTable(table.name)
+    except Exception as e:
+        if not table_exists(spark, table):
+            raise SinkError(f"cannot create table {table}: {type(e).__name__}: {str(e)[:500]}") from e
+
+
 CLASSES_PROPERTY = "streamscore.classes.v{version}"
 
 
-def record_classes(spark: SparkSession, path: str, version: str, classes: tuple[str, ...]) -> str:
+def record_classes(spark: SparkSession, table: TableRef, version: str, classes: tuple[str, ...]) -> str:
     """Record, as a table property of the output table, what the positions of version ``version``'s
     ``probabilities`` stand for (a JSON list of class labels); returns the property's key."""
     import json
 
     key = CLASSES_PROPERTY.format(version=version)
     value = json.dumps(list(classes)).replace("\\", "\\\\").replace("'", "\\'")
-    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('{key}' = '{value}')")
+    spark.sql(f"ALTER TABLE {table.sql} SET TBLPROPERTIES ('{key}' = '{value}')")
     return key
 
 
-def class_labels(spark: SparkSession, path: str, version: str) -> list[str] | None:
+def class_labels(spark: SparkSession, table: TableRef, version: str) -> list[str] | None:
     """The class labels :func:`record_classes` recorded for ``version`` (None: none recorded)."""
     import json
 
-    from delta.tables import DeltaTable
-
-    props = DeltaTable.forPath(spark, path).detail().select("properties").first()
+    props = spark.sql(f"DESCRIBE DETAIL {table.sql}").select("properties").first()
     raw = (props["properties"] or {}).get(CLASSES_PROPERTY.format(version=version)) if props else None
     return None if raw is None else list(json.loads(raw))
 
@@ -268,9 +334,10 @@ class SnapshotWarmer:
     differ, e.g. on another Delta build) it turns itself off after logging why, and writes simply
     pay the cost inline as before."""
 
-    def __init__(self, spark: SparkSession, paths: list[str], enabled: bool = True):
+    def __init__(self, spark: SparkSession, tables: list[TableRef], enabled: bool = True):
         self.spark = spark
-        self.paths = paths
+        self.tables = tables
+        self._locations: list[str] | None = None
         self.enabled = enabled
         self._wanted = threading.Event()
         self._stopped = threading.Event()
@@ -294,7 +361,9 @@ class SnapshotWarmer:
     def warm(self) -> None:
         jvm: Any = self.spark._jvm
         delta_log = jvm.org.apache.spark.sql.delta.DeltaLog
-        for path in self.paths:
+        if self._locations is None:  # a named table's files: where the catalog says
+            self._locations = [location(self.spark, t) for t in self.tables]
+        for path in self._locations:
             delta_log.forTable(self.spark._jsparkSession, path).unsafeVolatileSnapshot().transactions()
 
     def _loop(self) -> None:
@@ -314,7 +383,7 @@ class SnapshotWarmer:
 
 
 class Sink(Protocol):
-    path: str
+    table: TableRef
 
     def write(self, df: DataFrame, batch_id: int, rows: int | None) -> None:
         """Write ``df`` (``rows`` rows, None: not counted yet) as batch/chunk ``batch_id``."""
@@ -330,8 +399,8 @@ class IdempotentAppend:
     not counted yet (``rows`` None) is written even when empty: the commit records the batch as
     done all the same."""
 
-    def __init__(self, path: str, app_id: str | None = None):
-        self.path = path
+    def __init__(self, table: TableRef, app_id: str | None = None):
+        self.table = table
         self.app_id = app_id
 
     def bind(self, app_id: str) -> None:
@@ -339,24 +408,19 @@ class IdempotentAppend:
 
     def write(self, df: DataFrame, batch_id: int, rows: int | None) -> None:
         if self.app_id is None:
-            raise RuntimeError(f"no Delta app id bound for {self.path}")
+            raise RuntimeError(f"no Delta app id bound for {self.table}")
         if rows == 0:
             return
-        (
-            df.write.format("delta")
-            .mode("append")
-            .option("txnAppId", self.app_id)
-            .option("txnVersion", batch_id)
-            .save(self.path)
-        )
+        writer = df.write.format("delta").mode("append").option("txnAppId", self.app_id).option("txnVersion", batch_id)
+        save(writer, self.table)
 
 
 class SliceWriter:
     """The rows where ``column = value`` belong to this writer: the first write replaces them (even
     when it brings no rows, so a rerun never keeps stale rows), later writes append."""
 
-    def __init__(self, path: str, column: str, value: str):
-        self.path = path
+    def __init__(self, table: TableRef, column: str, value: str):
+        self.table = table
         self.column = column
         self.value = value
         self._replaced = False
@@ -366,8 +430,17 @@ class SliceWriter:
             return
         w = df.withColumn(self.column, F.lit(self.value)).write.format("delta")
         if self._replaced:
-            w.mode("append").save(self.path)
+            save(w.mode("append"), self.table)
         else:
             escaped = self.value.replace("\\", "\\\\").replace("'", "\\'")
-            w.mode("overwrite").option("replaceWhere", f"{self.column} = '{escaped}'").save(self.path)
+            save(w.mode("overwrite").option("replaceWhere", f"{self.column} = '{escaped}'"), self.table)
             self._replaced = True
+
+
+def save(writer: Any, table: TableRef) -> None:
+    """A Delta write (its mode and options set) to ``table``: ``saveAsTable`` for a name (Delta
+    takes ``txnAppId``/``txnVersion`` and ``replaceWhere`` there as it does for a path)."""
+    if table.name is not None:
+        writer.saveAsTable(table.name)
+    else:
+        writer.save(table.path)

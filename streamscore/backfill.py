@@ -23,15 +23,17 @@ from typing import TYPE_CHECKING, Any
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from streamscore.conf.settings import BackfillRequest, DeltaSlice, Settings
+from streamscore.conf.settings import BackfillRequest, DeltaSlice, Settings, check_metastore_name
+from streamscore.errors import ConfigError
 from streamscore.lifecycle import JobContext
 from streamscore.pipeline import Outcome, Sinks, score_and_write
+from streamscore.preflight import check_catalog
 from streamscore.registry_watch.resolve import ModelRef
 from streamscore.scoring import io as sio
 from streamscore.scoring import schema
 from streamscore.scoring.spec import PROBABILITIES, InputSpec, Output
 from streamscore.scoring.udf import ModelHandle, make_score_udf
-from streamscore.streaming import build_gate
+from streamscore.streaming import build_gate, table_options
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -51,6 +53,15 @@ def backfill_id_for(request: BackfillRequest, model_name: str, version: str) -> 
 def run_backfill(settings: Settings, request: BackfillRequest) -> dict[str, Any]:
     """Score ``request.input`` once into its own slice of the backfill tables; returns the JSON
     summary (raises :class:`~streamscore.errors.JobFailed`, which carries it, when it fails)."""
+    if request.table_names and settings.catalog.metastore != "session":
+        for name in request.table_names:
+            try:
+                check_metastore_name(name, settings.catalog.metastore)
+            except ValueError as e:
+                raise ConfigError(f"invalid backfill request: {e}") from None
+        # the session must reach the catalog for the request's names, not only for the settings'
+        settings = settings.model_copy(update={"catalog": settings.catalog.model_copy(update={"connect": "always"})})
+        check_catalog(settings)
     with JobContext("backfill", settings) as ctx:
         BackfillRun(ctx, request).run()
     return ctx.summary
@@ -103,8 +114,9 @@ class BackfillRun:
             admitted = self.gate.admit(self.ref, None)
         self.handle, self.spec = admitted.handle, admitted.spec
         self.backfill_id = request.backfill_id or backfill_id_for(request, self.handle.name, self.handle.version)
-        self.out_path = request.output_path or self.settings.path("tables/backfill")
-        self.dead_path = request.dead_letter_path or self.settings.path("tables/backfill_dead_letter")
+        st = self.settings
+        self.out_table = st.table(request.output_table, request.output_path or "tables/backfill")
+        self.dead_table = st.table(request.dead_letter_table, request.dead_letter_path or "tables/backfill_dead_letter")
         ctx.describe(self.describe)
 
     def _input_sample(self, n: int) -> list[str]:
@@ -130,18 +142,21 @@ class BackfillRun:
 
     def _open(self) -> None:
         spark, handle = self.ctx.spark, self.handle
-        sio.ensure_delta_table(spark, self.out_path, schema.with_backfill_id(schema.output_schema(self.spec)))
-        sio.ensure_delta_table(spark, self.dead_path, schema.with_backfill_id(schema.DEAD_LETTER))
+        opts = table_options(self.settings)
+        sio.ensure_delta_table(
+            spark, self.out_table, schema.with_backfill_id(schema.output_schema(self.spec)), creation=opts
+        )
+        sio.ensure_delta_table(spark, self.dead_table, schema.with_backfill_id(schema.DEAD_LETTER), creation=opts)
         if handle.classes is not None:
-            sio.record_classes(spark, self.out_path, handle.version, handle.classes)
+            sio.record_classes(spark, self.out_table, handle.version, handle.classes)
         self.ctx.start_run(
             {
                 "input": self.request.input.model_dump(mode="json"),
                 "model": {"name": handle.name, "ref": str(self.ref), "version": handle.version},
                 "backfill_id": self.backfill_id,
                 "chunks": self.request.chunks,
-                "output_path": self.out_path,
-                "dead_letter_path": self.dead_path,
+                "output_table": str(self.out_table),
+                "dead_letter_table": str(self.dead_table),
                 "compare_with": self.request.compare_with or "",
             },
             {
@@ -155,8 +170,8 @@ class BackfillRun:
         """Score chunk by chunk (stopping early on SIGTERM); returns (base, other) prediction pairs."""
         chunks = self.request.chunks
         sinks = Sinks(
-            sio.SliceWriter(self.out_path, schema.BACKFILL_ID.name, self.backfill_id),
-            sio.SliceWriter(self.dead_path, schema.BACKFILL_ID.name, self.backfill_id),
+            sio.SliceWriter(self.out_table, schema.BACKFILL_ID.name, self.backfill_id),
+            sio.SliceWriter(self.dead_table, schema.BACKFILL_ID.name, self.backfill_id),
         )
         events = _read_input(self.ctx.spark, self.settings, self.request)
         events = events.withColumn("_chunk", F.pmod(F.xxhash64(schema.VALUE), F.lit(chunks)))
@@ -199,8 +214,8 @@ class BackfillRun:
         out = {
             "backfill_id": self.backfill_id,
             "input": self.request.input.model_dump(mode="json", exclude_none=True),
-            "output_table": self.out_path,
-            "dead_letter_table": self.dead_path,
+            "output_table": str(self.out_table),
+            "dead_letter_table": str(self.dead_table),
             "model_name": self.handle.name,
             "model_version": self.handle.version,
             **self.totals,
@@ -216,7 +231,8 @@ class BackfillRun:
 def _read_input(spark: Any, settings: Settings, request: BackfillRequest) -> DataFrame:
     inp = request.input
     if isinstance(inp, DeltaSlice):
-        return sio.read_delta_table(spark, inp.path, inp.version, inp.timestamp, inp.where)
+        table = settings.table(inp.table, inp.path or "")
+        return sio.read_delta_table(spark, table, inp.version, inp.timestamp, inp.where)
     return sio.read_kafka_range(
         spark, settings.source.kafka, inp.starting, inp.ending, inp.starting_timestamp, inp.ending_timestamp
     )

@@ -6,6 +6,7 @@ setting to change (instead of a query that waits forever for a broker).
 * tracking: the MLflow tracking server answers (skipped for ``databricks`` / ``azureml`` targets,
   whose clients authenticate and retry on their own);
 * registry: ``model.ref`` resolves to a version of ``model.name``;
+* catalog: the metastore answers, when tables are named;
 * output: the tables' and the checkpoint's local folders can be written (paths on a URI are left
   to the job, which fails on its first write with the storage's own error).
 """
@@ -39,7 +40,30 @@ def check_stream_services(settings: Settings) -> None:
         check_kafka(settings)
     check_tracking(settings)
     check_model(settings)
-    check_writable(settings, [settings.output_path, settings.dead_letter_path, settings.checkpoint_path])
+    check_catalog(settings)
+    paths = [t.path for t in (settings.output_table, settings.dead_letter_table) if t.path is not None]
+    check_writable(settings, [*paths, settings.checkpoint_path])
+
+
+def check_catalog(settings: Settings) -> None:
+    """The configured metastore answers, when the job names tables (a Hive client would retry and
+    then fail at the first table with an error that does not say which setting to change)."""
+    import socket
+
+    from streamscore.errors import SinkError
+
+    cat = settings.catalog
+    if not settings.uses_catalog:
+        return
+    host, port = cat.metastore.removeprefix("thrift://").rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=settings.app.preflight_timeout_s).close()
+    except OSError as e:
+        hint = "start it with `streamscore services start metastore`" if cat.local else "check catalog.metastore"
+        raise SinkError(
+            f"the catalog's metastore at {cat.metastore} does not answer ({e}); the tables "
+            f"{', '.join(settings.table_names) or '(names)'} are looked up there: {hint}"
+        ) from None
 
 
 def librdkafka_config(settings: Settings) -> dict[str, Any] | None:

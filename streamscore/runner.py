@@ -73,8 +73,10 @@ class BatchProcessor:
         sinks: Sinks,
         recent: RecentSample,
         warmer: sio.SnapshotWarmer | None = None,
+        creation: sio.Creation | None = None,
     ):
         self.spark = spark
+        self.creation = creation or sio.Creation()  # how missing output tables are created
         self.warmer = warmer
         self.watcher = watcher
         self.tracker = tracker
@@ -103,8 +105,11 @@ class BatchProcessor:
         spec = self.watcher.spec
         assert spec is not None, "the watcher must be started first"
         serving = self.watcher.serving.label
-        sio.ensure_delta_table(self.spark, self.sinks.scored.path, schema.output_schema(spec), serving)
-        sio.ensure_delta_table(self.spark, self.sinks.dead_letter.path, schema.DEAD_LETTER, serving)
+        for table, columns in (
+            (self.sinks.scored.table, schema.output_schema(spec)),
+            (self.sinks.dead_letter.table, schema.DEAD_LETTER),
+        ):
+            sio.ensure_delta_table(self.spark, table, columns, serving, self.creation)
         self.record_classes(self.watcher.serving)
         if self.warmer is not None:
             self.warmer.request()
@@ -115,7 +120,7 @@ class BatchProcessor:
         if handle.classes is None or handle.version in self._classes_recorded:
             return
         self._classes_recorded.add(handle.version)
-        key = sio.record_classes(self.spark, self.sinks.scored.path, handle.version, handle.classes)
+        key = sio.record_classes(self.spark, self.sinks.scored.table, handle.version, handle.classes)
         self.tracker.set_tags({key: json.dumps(list(handle.classes))})
         log.info("%s: probabilities are of the classes %s (table property %s)", handle.label, handle.classes, key)
 

@@ -39,7 +39,29 @@ def spark_conf(settings: Settings) -> dict[str, str]:
         from streamscore.infra.jars import ensure_spark_jars
 
         conf["spark.jars"] = ",".join(ensure_spark_jars(settings.home))
+    conf.update(catalog_conf(settings))
     conf.update(sp.conf)
+    return conf
+
+
+def catalog_conf(settings: Settings) -> dict[str, str]:
+    """Spark's session catalog on the configured Hive metastore, when the job uses table names
+    (see ``catalog`` in the settings). Nothing for ``catalog.metastore=session``: the session's own
+    catalog (Unity Catalog on Databricks) serves the names."""
+    cat = settings.catalog
+    if not settings.uses_catalog:
+        return {}
+    conf = {
+        "spark.sql.catalogImplementation": "hive",
+        "spark.hadoop.hive.metastore.uris": cat.metastore,
+        # a metastore that stops answering fails the call after this, not after Hive's 600 s
+        "spark.hadoop.hive.metastore.client.socket.timeout": "120s",
+        "spark.hadoop.hive.metastore.connect.retries": "3",
+    }
+    if cat.local:  # new schemas' folders where the local metastore keeps its managed tables
+        from streamscore.infra.services import warehouse_dir
+
+        conf["spark.sql.warehouse.dir"] = str(warehouse_dir(settings.home))
     return conf
 
 

@@ -108,9 +108,9 @@ def source_sampler(settings: Settings, spark: SparkSession | None) -> Callable[[
             return None
         timeout = settings.app.preflight_timeout_s
         return lambda n: sio.newest_kafka_values(conf, src.kafka.topic, n, timeout)
-    if spark is not None and src.delta.path:
-        path = src.delta.path
-        return lambda n: sio.newest_delta_values(spark, path, n)
+    table = settings.source_table
+    if spark is not None and table is not None:
+        return lambda n: sio.newest_delta_values(spark, table, n)
     return None
 
 
@@ -194,8 +194,8 @@ def run_params(settings: Settings) -> dict[str, Any]:
     s = settings.masked()
     sink = {
         **s["sink"],
-        "output_path": settings.output_path,
-        "dead_letter_path": settings.dead_letter_path,
+        "output_table": str(settings.output_table),
+        "dead_letter_table": str(settings.dead_letter_table),
         "checkpoint_path": settings.checkpoint_path,
         "app_id": settings.app_id,
     }
@@ -210,9 +210,18 @@ def run_params(settings: Settings) -> dict[str, Any]:
     }
 
 
+def table_options(settings: Settings) -> sio.Creation:
+    """How the job creates its tables (:func:`streamscore.scoring.io.ensure_delta_table`)."""
+    return sio.Creation(settings.sink.change_data_feed, settings.catalog.create_schemas)
+
+
 def read_events(spark: SparkSession, settings: Settings) -> DataFrame:
     src = settings.source
-    return sio.read_kafka_stream(spark, src.kafka) if src.kind == "kafka" else sio.read_delta_stream(spark, src.delta)
+    if src.kind == "kafka":
+        return sio.read_kafka_stream(spark, src.kafka)
+    table = settings.source_table
+    assert table is not None, "settings validation requires source.delta.table or .path"
+    return sio.read_delta_stream(spark, table, src.delta.max_files_per_trigger)
 
 
 def start_query(events: DataFrame, processor: BatchProcessor, settings: Settings) -> StreamingQuery:
@@ -252,10 +261,11 @@ def _stream(
     watcher = build_watcher(settings, spark, ctx.client, recent.rows, ctx.tracker)
     watcher.ledger = open_ledger(settings, spark)
     ctx.on_close(watcher.stop)
-    sinks = Sinks(sio.IdempotentAppend(settings.output_path), sio.IdempotentAppend(settings.dead_letter_path))
-    warmer = sio.SnapshotWarmer(spark, [settings.output_path, settings.dead_letter_path], settings.sink.warm_snapshots)
+    tables = [settings.output_table, settings.dead_letter_table]
+    sinks = Sinks(sio.IdempotentAppend(tables[0]), sio.IdempotentAppend(tables[1]))
+    warmer = sio.SnapshotWarmer(spark, tables, settings.sink.warm_snapshots)
     ctx.on_close(warmer.stop)
-    processor = BatchProcessor(spark, watcher, ctx.tracker, sinks, recent, warmer)
+    processor = BatchProcessor(spark, watcher, ctx.tracker, sinks, recent, warmer, table_options(settings))
     with ctx.phase("model"):  # resolve, download, policy, gate (warms the Python workers), tables
         handle = start_serving(watcher, processor)
     run_id = ctx.start_run(
@@ -302,12 +312,12 @@ def start_serving(watcher: RegistryWatcher, processor: BatchProcessor) -> ModelH
 
 
 def _warn_if_new_checkpoint_on_old_tables(spark: SparkSession, settings: Settings) -> None:
-    if sio.checkpoint_exists(spark, settings.checkpoint_path) is False and sio.has_rows(spark, settings.output_path):
+    if sio.checkpoint_exists(spark, settings.checkpoint_path) is False and sio.has_rows(spark, settings.output_table):
         log.warning(
             "starting a new checkpoint at %s on an output table that already holds rows (%s): events the "
             "source delivers again are scored again",
             settings.checkpoint_path,
-            settings.output_path,
+            settings.output_table,
         )
 
 
@@ -315,8 +325,8 @@ def _summary(
     settings: Settings, ctx: JobContext, processor: BatchProcessor, watcher: RegistryWatcher, stopper: StopController
 ) -> dict[str, Any]:
     out: dict[str, Any] = {  # query id, run id, tracking URI and experiment: already in ctx.summary
-        "output_table": settings.output_path,
-        "dead_letter_table": settings.dead_letter_path,
+        "output_table": str(settings.output_table),
+        "dead_letter_table": str(settings.dead_letter_table),
         "checkpoint": settings.checkpoint_path,
         "model_name": settings.model.name,
         "model_ref": settings.model.ref,

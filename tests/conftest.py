@@ -110,7 +110,7 @@ def home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def services(home):
-    from streamscore.infra.services import KafkaService, MlflowService, start_on_free_ports
+    from streamscore.infra.services import KafkaService, MetastoreService, MlflowService, start_on_free_ports
 
     started = []
     try:
@@ -118,11 +118,15 @@ def services(home):
         started.append(kafka)
         mlflow_srv = start_on_free_ports(lambda p: MlflowService(home, p[0]), 1)
         started.append(mlflow_srv)
+        metastore = start_on_free_ports(lambda p: MetastoreService(home, p[0]), 1)
+        started.append(metastore)
         yield {
             "kafka": kafka.address,
             "mlflow": mlflow_srv.address,
+            "metastore": metastore.address,
             "kafka_service": kafka,
             "mlflow_service": mlflow_srv,
+            "metastore_service": metastore,
         }
     finally:
         for s in reversed(started):
@@ -144,7 +148,11 @@ def spark(services, home):
     from streamscore.conf.settings import load_settings
     from streamscore.spark import build_spark
 
-    settings = load_settings("local", overrides={"app": {"home": str(home)}, "spark": {"master": "local[2]"}})
+    # connected to the tests' metastore: tests read named tables with this session
+    catalog = {"metastore": services["metastore"], "connect": "always"}
+    settings = load_settings(
+        "local", overrides={"app": {"home": str(home)}, "spark": {"master": "local[2]"}, "catalog": catalog}
+    )
     session = build_spark(settings)
     yield session
     session.stop()
@@ -167,6 +175,7 @@ def make_settings(services, tracking, home, tmp_path):
                 "checkpoint_path": str(tmp_path / f"cp{n}"),
             },
             "tracking": {"uri": services["mlflow"], "experiment": "streamscore-tests"},
+            "catalog": {"metastore": services["metastore"]},
             # many of the tests' models are custom python_model classes (pickled): the loading
             # policy's default refuses them (tests/test_policy.py checks that default)
             "model": {"name": name or f"iris-test-{n}-{int(time.time())}", "allow_pickle": True},

@@ -219,9 +219,9 @@ def stream_command(settings, home, *flags: str, **overrides: str) -> list[str]:
         "spark.master": "local[2]",
         "source.kafka.bootstrap_servers": k.bootstrap_servers,
         "source.kafka.topic": k.topic,
-        "sink.output_path": settings.output_path,
-        "sink.dead_letter_path": settings.dead_letter_path,
+        **_tables(settings),
         "sink.checkpoint_path": settings.checkpoint_path,
+        "catalog.metastore": settings.catalog.metastore,
         "tracking.uri": settings.tracking.uri,
         "tracking.experiment": settings.tracking.experiment,
         "model.name": settings.model.name,
@@ -230,6 +230,13 @@ def stream_command(settings, home, *flags: str, **overrides: str) -> list[str]:
     return [sys.executable, "-m", "streamscore", "stream", *flags] + [
         x for key, value in sets.items() for x in ("--set", f"{key}={value}")
     ]
+
+
+def _tables(settings) -> dict[str, str]:
+    out = {}
+    for key, table in (("output", settings.output_table), ("dead_letter", settings.dead_letter_table)):
+        out[f"sink.{key}_table" if table.name else f"sink.{key}_path"] = str(table)
+    return out
 
 
 def register_sklearn(name: str, model, X: pd.DataFrame, alias: str | None = None) -> str:

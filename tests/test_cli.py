@@ -27,7 +27,7 @@ def _cli(*args: str, sets: dict | None = None) -> tuple[int, str, dict]:
         (["nonsense"], "unknown command 'nonsense'"),
         ([], "a command is required"),
         (["stream", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-        (["backfill"], "one of the arguments --delta --kafka is required"),
+        (["backfill"], "one of the arguments --delta --table --kafka is required"),
         (["backfill", "--kafka", "--chunks", "0"], "chunks"),
         (["backfill", "--kafka", "--backfill-id", "x' OR '1'='1"], "backfill_id"),
         (["backfill", "--delta", "/tmp/t", "--as-of-version", "1", "--as-of-timestamp", "2026-01-01"], "not both"),

@@ -161,6 +161,29 @@ class CatalogSettings(_Section):
         return None if self.metastore == "session" else int(self.metastore.rsplit(":", 1)[1])
 
 
+_GRANULARITY = re.compile(r"^(5 minutes|30 minutes|1 hour|1 day|[1-4] weeks?|1 month|1 year)$")
+
+
+class MonitorSettings(_Section):
+    """Lakehouse Monitoring of the output table, an ``InferenceLog`` profile: ``streamscore bundle``
+    renders a ``quality_monitors`` resource for it when ``problem_type`` is set."""
+
+    problem_type: Literal["classification", "regression"] | None = None
+    timestamp_col: Literal["scored_at", "event_time"] = "scored_at"
+    label_col: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # a column for labels joined later
+    granularities: list[str] = Field(["1 hour", "1 day"], min_length=1)
+    schedule: str | None = "0 0 * * * ?"  # Quartz cron of the monitor's refresh (UTC); null: on demand
+    assets_dir: str | None = None  # default /Workspace/Users/<deploying user>/streamscore/monitoring
+
+    @field_validator("granularities")
+    @classmethod
+    def _granularities(cls, v: list[str]) -> list[str]:
+        bad = [g for g in v if not _GRANULARITY.match(g)]
+        if bad:
+            raise ValueError(f"{bad}: granularities are '5 minutes', '30 minutes', '1 hour', '1 day', 'N weeks'...")
+        return v
+
+
 class TriggerSettings(_Section):
     processing_time: str | None = "500 milliseconds"
     available_now: bool = False
@@ -356,12 +379,20 @@ class WatchSettings(_Section):
 _SECRET_REF = re.compile(r"^\{\{secrets/[A-Za-z0-9._-]+/[A-Za-z0-9._-]+\}\}$")
 
 
+_UC_IDENT = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,254}$"
+
+
 class DatabricksSettings(_Section):
     """How ``streamscore submit`` / ``streamscore bundle`` build the Databricks jobs. Credentials
     are never here: the Databricks SDK's own authentication (environment, ~/.databrickscfg profile,
     Azure service principal / CLI) is used."""
 
-    wheel_dir: str = "/Volumes/main/streamscore/wheels"  # UC volume or /Workspace folder for the wheel
+    # Unity Catalog: the schema the job's tables are in by default (catalog_name.schema_name.scored,
+    # ...) and the volume its relative paths go under (/Volumes/<catalog>/<schema>/<volume>/...)
+    catalog_name: str | None = Field(None, pattern=_UC_IDENT)
+    schema_name: str | None = Field(None, pattern=_UC_IDENT)
+    volume_name: str = Field("streamscore", pattern=_UC_IDENT)
+    wheel_dir: str | None = None  # UC volume or /Workspace folder for the wheel; default <volume>/wheels
     job_name_prefix: str = Field("streamscore", pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
     spark_version: str = "18.0.x-scala2.13"  # Databricks Runtime 18: Spark 4.1, Delta and Kafka built in
     node_type_id: str = "Standard_D4ds_v5"
@@ -373,6 +404,18 @@ class DatabricksSettings(_Section):
     backfill_compute: Literal["job_cluster", "serverless"] = "job_cluster"
     serverless_environment_version: str = "4"
     poll_interval_s: float = Field(10, gt=0)  # --wait: how often the run's state is read
+
+    @model_validator(mode="after")
+    def _catalog_and_schema(self) -> DatabricksSettings:
+        if (self.catalog_name is None) != (self.schema_name is None):
+            raise ValueError("set databricks.catalog_name and databricks.schema_name together (or neither)")
+        return self
+
+    @property
+    def volume_root(self) -> str | None:
+        if self.catalog_name is None:
+            return None
+        return f"/Volumes/{self.catalog_name}/{self.schema_name}/{self.volume_name}"
 
     @field_validator("env", "spark_conf")
     @classmethod
@@ -396,6 +439,7 @@ class Settings(BaseSettings):
     source: SourceSettings = SourceSettings()
     sink: SinkSettings = SinkSettings()
     catalog: CatalogSettings = CatalogSettings()
+    monitor: MonitorSettings = MonitorSettings()
     trigger: TriggerSettings = TriggerSettings()
     model: ModelSettings = ModelSettings()
     tracking: TrackingSettings = TrackingSettings()
@@ -443,18 +487,42 @@ class Settings(BaseSettings):
         return self.app.home.expanduser().resolve()
 
     def path(self, value: str) -> str:
-        """A sink/checkpoint location: URIs stay as they are, relative paths go under app.home."""
+        """A sink/checkpoint location: URIs stay as they are, relative paths go under the Unity
+        Catalog volume of ``databricks.*`` when one is set, else under app.home."""
         if "://" in value or value.startswith("dbfs:") or os.path.isabs(value):
             return value
-        return str(self.home / value)
+        root = self.databricks.volume_root
+        return f"{root}/{value}" if root else str(self.home / value)
+
+    def default_table(self, stem: str) -> TableRef:
+        """A table the settings do not place: ``<catalog_name>.<schema_name>.<stem>`` when
+        ``databricks.catalog_name`` is set, else ``<app.home>/tables/<stem>``."""
+        from streamscore.scoring.tables import TableRef
+
+        d = self.databricks
+        if d.catalog_name is not None:
+            return TableRef.named(f"{d.catalog_name}.{d.schema_name}.{stem}")
+        return TableRef.at(self.path(f"tables/{stem}"))
+
+    @property
+    def wheel_dir(self) -> str:
+        d = self.databricks
+        if d.wheel_dir:
+            return d.wheel_dir
+        if d.volume_root:
+            return f"{d.volume_root}/wheels"
+        raise ConfigError(
+            "no folder for the wheel: set databricks.wheel_dir (a UC volume or /Workspace folder), or "
+            "databricks.catalog_name and databricks.schema_name (the wheel goes to their volume)"
+        )
 
     @property
     def output_table(self) -> TableRef:
-        return self.table(self.sink.output_table, self.sink.output_path or "tables/scored")
+        return self.table(self.sink.output_table, self.sink.output_path, "scored")
 
     @property
     def dead_letter_table(self) -> TableRef:
-        return self.table(self.sink.dead_letter_table, self.sink.dead_letter_path or "tables/dead_letter")
+        return self.table(self.sink.dead_letter_table, self.sink.dead_letter_path, "dead_letter")
 
     @property
     def output_path(self) -> str:
@@ -468,13 +536,16 @@ class Settings(BaseSettings):
     @property
     def source_table(self) -> TableRef | None:
         d = self.source.delta
-        return None if not (d.table or d.path) else self.table(d.table, d.path or "")
+        return None if not (d.table or d.path) else self.table(d.table, d.path, "source")
 
-    def table(self, name: str | None, path: str) -> TableRef:
-        """A table by ``name`` when there is one, else at ``path`` (relative: under app.home)."""
+    def table(self, name: str | None, path: str | None, stem: str) -> TableRef:
+        """A table by ``name``, else at ``path`` (relative: see :meth:`path`), else the default
+        table ``stem`` (:meth:`default_table`)."""
         from streamscore.scoring.tables import TableRef
 
-        return TableRef.named(name) if name else TableRef.at(self.path(path))
+        if name:
+            return TableRef.named(name)
+        return TableRef.at(self.path(path)) if path else self.default_table(stem)
 
     @property
     def table_names(self) -> list[str]:

@@ -60,6 +60,7 @@ def _run(args: argparse.Namespace) -> Summary:
         raise UsageError(f"submit: --wheel {wheel}: no such file")
     target = db.wheel_target(settings, wheel)
     summary: Summary = {"job": "submit", "command": args.command, "once": args.once, "wheel": target}
+    summary["locations"] = db.job_locations(settings, args.command, args.job_args)
     if args.once:
         body = db.submit_body(settings, spec, target)
         requests = [{"method": "POST", "path": "/api/2.2/jobs/runs/submit", "body": body}]

@@ -25,6 +25,7 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
+from streamscore.errors import SignatureError
 from streamscore.scoring.spec import InputSpec, Output
 
 # MLflow ColSpec type name -> Spark type
@@ -111,6 +112,20 @@ def output_schema(spec: InputSpec) -> StructType:
     return StructType(
         [*EVENT.fields, *feature_fields(spec), *output_fields(spec), *LINEAGE.fields, *COORDINATES.fields]
     )
+
+
+def with_label(schema: StructType, label_col: str | None, spec: InputSpec) -> StructType:
+    """The output table with a label column (``monitor.label_col``), of the prediction's type: null
+    when rows are scored (appends leave it out), filled when labels are joined in later."""
+    if label_col is None:
+        return schema
+    if label_col in schema.fieldNames():
+        raise SignatureError(
+            f"monitor.label_col={label_col!r} is already a column of the output table (an input or an "
+            "output of the model): name the label column differently"
+        )
+    primary = next(f for f in output_fields(spec) if f.name == spec.primary.name)
+    return StructType([*schema.fields, StructField(label_col, primary.dataType, nullable=True)])
 
 
 def with_backfill_id(schema: StructType) -> StructType:

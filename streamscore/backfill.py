@@ -115,8 +115,8 @@ class BackfillRun:
         self.handle, self.spec = admitted.handle, admitted.spec
         self.backfill_id = request.backfill_id or backfill_id_for(request, self.handle.name, self.handle.version)
         st = self.settings
-        self.out_table = st.table(request.output_table, request.output_path or "tables/backfill")
-        self.dead_table = st.table(request.dead_letter_table, request.dead_letter_path or "tables/backfill_dead_letter")
+        self.out_table = st.table(request.output_table, request.output_path, "backfill")
+        self.dead_table = st.table(request.dead_letter_table, request.dead_letter_path, "backfill_dead_letter")
         ctx.describe(self.describe)
 
     def _input_sample(self, n: int) -> list[str]:
@@ -143,9 +143,8 @@ class BackfillRun:
     def _open(self) -> None:
         spark, handle = self.ctx.spark, self.handle
         opts = table_options(self.settings)
-        sio.ensure_delta_table(
-            spark, self.out_table, schema.with_backfill_id(schema.output_schema(self.spec)), creation=opts
-        )
+        columns = schema.with_label(schema.output_schema(self.spec), self.settings.monitor.label_col, self.spec)
+        sio.ensure_delta_table(spark, self.out_table, schema.with_backfill_id(columns), creation=opts)
         sio.ensure_delta_table(spark, self.dead_table, schema.with_backfill_id(schema.DEAD_LETTER), creation=opts)
         if handle.classes is not None:
             sio.record_classes(spark, self.out_table, handle.version, handle.classes)
@@ -231,7 +230,7 @@ class BackfillRun:
 def _read_input(spark: Any, settings: Settings, request: BackfillRequest) -> DataFrame:
     inp = request.input
     if isinstance(inp, DeltaSlice):
-        table = settings.table(inp.table, inp.path or "")
+        table = settings.table(inp.table, inp.path, "source")
         return sio.read_delta_table(spark, table, inp.version, inp.timestamp, inp.where)
     return sio.read_kafka_range(
         spark, settings.source.kafka, inp.starting, inp.ending, inp.starting_timestamp, inp.ending_timestamp

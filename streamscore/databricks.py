@@ -76,12 +76,19 @@ class JobSpec:
 
     def job_overrides(self) -> list[str]:
         """The ``--set`` options the job runs with: all but ``databricks.*``, which shape the job
-        itself (cluster, environment, wheel folder) and are used here."""
-        return [item for item in self.overrides if not item.strip().startswith("databricks.")]
+        itself (cluster, environment, wheel folder) and are used here; the Unity Catalog location
+        (``databricks.catalog_name``, ``schema_name``, ``volume_name``) places the job's tables and
+        checkpoints, so the job gets it too."""
+        return [item for item in self.overrides if not item.strip().startswith("databricks.") or _uc_location(item)]
 
     def parameters(self) -> list[str]:
         sets = [x for item in self.job_overrides() for x in ("--set", item)]
         return [self.command, "--profile", self.profile, *sets, *self.job_args]
+
+
+def _uc_location(item: str) -> bool:
+    key = item.split("=", 1)[0].strip()
+    return key in ("databricks.catalog_name", "databricks.schema_name", "databricks.volume_name")
 
 
 def _extra_requirements(extra: str) -> list[str]:
@@ -184,6 +191,26 @@ def job_settings(settings: Settings, spec: JobSpec, wheel: str) -> jobs.JobSetti
     )
 
 
+def job_locations(settings: Settings, command: str, job_args: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Where the job will write (tables by name or path, the stream's checkpoint), as the job's
+    own settings resolve them: what ``submit --dry-run`` shows before anything is sent."""
+    if command == "stream":
+        return {
+            "output_table": str(settings.output_table),
+            "dead_letter_table": str(settings.dead_letter_table),
+            "checkpoint": settings.checkpoint_path,
+        }
+    from streamscore.jobs.backfill import build_parser, request_from_args
+
+    request = request_from_args(build_parser(None).parse_args(list(job_args)))
+    return {
+        "output_table": str(settings.table(request.output_table, request.output_path, "backfill")),
+        "dead_letter_table": str(
+            settings.table(request.dead_letter_table, request.dead_letter_path, "backfill_dead_letter")
+        ),
+    }
+
+
 def submit_body(settings: Settings, spec: JobSpec, wheel: str) -> dict[str, Any]:
     """The body of a one-time run (jobs/runs/submit), idempotency token included: the same request
     (same wheel content, same settings) carries the same token, so a retried submit starts one run."""
@@ -242,7 +269,7 @@ def wheel_target(settings: Settings, wheel: Path) -> str:
     """Upload path: under a folder named by the wheel's content, so a changed build never reuses a
     path a cluster has already installed from."""
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()[:12]
-    return f"{settings.databricks.wheel_dir.rstrip('/')}/{digest}/{wheel.name}"
+    return f"{settings.wheel_dir.rstrip('/')}/{digest}/{wheel.name}"
 
 
 # -- the workspace -----------------------------------------------------------------------------------

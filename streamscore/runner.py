@@ -77,6 +77,7 @@ class BatchProcessor:
     ):
         self.spark = spark
         self.creation = creation or sio.Creation()  # how missing output tables are created
+        self.label_col: str | None = None  # monitor.label_col: a column of the output table, null when scored
         self.warmer = warmer
         self.watcher = watcher
         self.tracker = tracker
@@ -106,7 +107,7 @@ class BatchProcessor:
         assert spec is not None, "the watcher must be started first"
         serving = self.watcher.serving.label
         for table, columns in (
-            (self.sinks.scored.table, schema.output_schema(spec)),
+            (self.sinks.scored.table, schema.with_label(schema.output_schema(spec), self.label_col, spec)),
             (self.sinks.dead_letter.table, schema.DEAD_LETTER),
         ):
             sio.ensure_delta_table(self.spark, table, columns, serving, self.creation)

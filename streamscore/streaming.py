@@ -266,6 +266,7 @@ def _stream(
     warmer = sio.SnapshotWarmer(spark, tables, settings.sink.warm_snapshots)
     ctx.on_close(warmer.stop)
     processor = BatchProcessor(spark, watcher, ctx.tracker, sinks, recent, warmer, table_options(settings))
+    processor.label_col = settings.monitor.label_col
     with ctx.phase("model"):  # resolve, download, policy, gate (warms the Python workers), tables
         handle = start_serving(watcher, processor)
     run_id = ctx.start_run(

@@ -185,8 +185,11 @@ def test_backfill_from_and_to_named_tables_replaces_its_slice(spark, make_settin
         source={"kind": "delta", "delta": {"table": f"{db}.events"}},
         sink={"output_table": f"{db}.streamed", "output_path": None},
         trigger={"available_now": True},
+        monitor={"label_col": "label"},  # a column for labels joined later: null when scored
     )
     summary = run_stream(streamed)
     assert summary["status"] == "FINISHED" and summary["rows_scored"] == 60, summary
     rows = spark.read.table(f"{db}.streamed").toPandas()
     assert sorted(rows["event_id"]) == sorted(events["event_id"]) and set(rows["source"]) == {f"{db}.events"}
+    types = dict(spark.read.table(f"{db}.streamed").dtypes)
+    assert rows["label"].isna().all() and types["label"] == types["prediction"]

@@ -4,14 +4,17 @@ dataclasses; the bundle's job resources are a fresh render of the same definitio
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 import pytest
 import yaml
-from databricks.sdk.service import jobs
+from databricks.sdk.service import catalog, jobs
 
 from streamscore.jobs import submit
+from streamscore.scoring import schema
+from streamscore.scoring.spec import Field, InputSpec, Output
 from tests.workspace_recorder import WorkspaceRecorder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +41,11 @@ def wheel(tmp_path) -> Path:
 
 
 SETS = ["--set", "model.name=fraud", "--set", "databricks.wheel_dir=/Volumes/ml/streamscore/wheels"]
+
+
+def _iris_spec() -> InputSpec:
+    features = tuple(Field(n, "double") for n in ("sepal_length", "sepal_width", "petal_length", "petal_width"))
+    return InputSpec("event_id", "event_time", features, outputs=(Output("prediction", "string"),))
 
 
 def _submit(capsys, *argv: str) -> tuple[int, dict, str]:
@@ -212,14 +220,65 @@ def test_missing_credentials_and_literal_secrets_are_usage_errors(monkeypatch, c
 def test_the_bundle_resources_are_a_fresh_render_of_what_submit_builds():
     from streamscore import databricks as db
     from streamscore.conf.settings import load_settings
-    from streamscore.jobs.bundle import BACKFILL_DEFAULT_ARGS, RESOURCE_FILE, render
+    from streamscore.jobs.bundle import (
+        BACKFILL_DEFAULT_ARGS,
+        MONITOR_FILE,
+        RESOURCE_FILE,
+        UC_VARIABLES,
+        render,
+        render_monitors,
+    )
 
     settings = load_settings("databricks")
     committed = (ROOT / RESOURCE_FILE).read_text()
     assert committed == render("databricks", settings), "run `streamscore bundle` and commit the file"
+    assert (ROOT / MONITOR_FILE).read_text() == render_monitors(settings), "run `streamscore bundle`"
     resources = yaml.safe_load(committed)["resources"]["jobs"]
     for command, job_args in (("stream", ()), ("backfill", BACKFILL_DEFAULT_ARGS)):
-        built = db.job_settings(settings, db.JobSpec(command, "databricks", (), job_args), db.BUNDLE_WHEEL)
+        built = db.job_settings(settings, db.JobSpec(command, "databricks", UC_VARIABLES, job_args), db.BUNDLE_WHEEL)
         assert jobs.JobSettings.from_dict(resources[f"streamscore_{command}"]).as_dict() == built.as_dict()
+        params = built.tasks[0].python_wheel_task.parameters
+        assert "databricks.catalog_name=${var.catalog_name}" in params  # the target's catalog reaches the job
     bundle = yaml.safe_load((ROOT / "databricks.yml").read_text())
     assert {"dev", "prod"} <= set(bundle["targets"]) and "resources/*.yml" in bundle["include"]
+    assert {"catalog_name", "schema_name"} <= set(bundle["variables"])
+
+    # the monitor: the fields of the SDK's create call, its profile on the columns the job writes
+    monitor = yaml.safe_load((ROOT / MONITOR_FILE).read_text())["resources"]["quality_monitors"]["streamscore_scored"]
+    inspect.signature(catalog.QualityMonitorsAPI.create).bind(None, **monitor)
+    profile = catalog.MonitorInferenceLog.from_dict(monitor["inference_log"])
+    assert profile.as_dict() == monitor["inference_log"]
+    assert profile.problem_type == catalog.MonitorInferenceLogProblemType.PROBLEM_TYPE_CLASSIFICATION
+    assert monitor["table_name"] == "${var.catalog_name}.${var.schema_name}.scored"
+    assert catalog.MonitorCronSchedule.from_dict(monitor["schedule"]).timezone_id == "UTC"
+    columns = {f.name: f.dataType.typeName() for f in schema.output_schema(_iris_spec()).fields}
+    for key in ("timestamp_col", "model_id_col", "prediction_col"):
+        assert monitor["inference_log"][key] in columns, key
+    assert columns[monitor["inference_log"]["timestamp_col"]] == "timestamp"
+
+
+def test_the_databricks_profile_uses_unity_catalog_names_and_a_volume(capsys, tmp_path):
+    from streamscore.conf.settings import load_settings
+
+    s = load_settings("databricks")
+    assert (
+        str(s.output_table) == "main.streamscore.scored" and str(s.dead_letter_table) == "main.streamscore.dead_letter"
+    )
+    assert s.checkpoint_path == "/Volumes/main/streamscore/streamscore/checkpoints/stream"
+    assert s.wheel_dir == "/Volumes/main/streamscore/streamscore/wheels"
+    assert s.catalog.metastore == "session" and not s.uses_catalog  # the cluster's catalog serves the names
+    assert "dbfs:" not in json.dumps(s.masked())
+    wheel = tmp_path / "streamscore-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"wheel")
+    code, summary, out = _submit(
+        capsys, "stream", "--dry-run", "--wheel", str(wheel), "--set", "databricks.schema_name=fraud_prod"
+    )
+    assert code == 0, summary
+    assert summary["locations"] == {
+        "output_table": "main.fraud_prod.scored",
+        "dead_letter_table": "main.fraud_prod.dead_letter",
+        "checkpoint": "/Volumes/main/fraud_prod/streamscore/checkpoints/stream",
+    }
+    params = _printed(out)["requests"][0]["body"]["tasks"][0]["python_wheel_task"]["parameters"]
+    assert params[params.index("--set") + 1] == "databricks.schema_name=fraud_prod"  # the job writes there too
+    assert summary["wheel"].startswith("/Volumes/main/fraud_prod/streamscore/wheels/")

@@ -328,6 +328,14 @@ class TrackingSettings(_Section):
     databricks_host: str | None = None  # workspace URL for databricks:// targets (else the SDK's own config)
     mirror_uri: str | None = None  # a second tracking target that gets the same params and metrics
     mirror_token: SecretStr | None = None  # the mirror's own token; the primary's is never sent there
+    # a job that never ends: per-batch metrics aggregated over this window (0: every batch), and its
+    # run continued in a new one (same experiment, linked by tags) before the run holds more metric
+    # values than the budget (Databricks caps a run's metric steps), after rotate_after_h, and on a
+    # model swap when rotate_on_swap
+    metrics_interval_s: float = Field(60, ge=0)
+    run_metric_budget: int = Field(900_000, ge=100)
+    rotate_after_h: float | None = Field(24, gt=0)
+    rotate_on_swap: bool = False
 
     def effective_uri(self) -> str:
         if self.uri:

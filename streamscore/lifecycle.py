@@ -169,6 +169,9 @@ class JobContext:
         if tracker is not None and tracker.run_id is not None:
             closed = tracker.finish(status.value, self.summary, self.settings.tracking.close_timeout_s)
             self.summary["tracking_closed"] = closed
+            self.summary["run_id"] = tracker.run_id  # the latest, when the run was continued in new ones
+            if len(tracker.run_ids) > 1:
+                self.summary["tracking_runs"] = tracker.run_ids
         log.info("%s %s in %.1fs", self.job, status.value, self.summary["duration_s"])
         if status is JobStatus.FAILED and isinstance(exc, Exception):
             code = exc.exit_code if isinstance(exc, StreamscoreError) else EXIT_FAILED

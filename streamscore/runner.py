@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pyspark.errors import StreamingQueryException
 from pyspark.sql import DataFrame
 
+from streamscore.metrics import MetricsWindow
 from streamscore.pipeline import Outcome, Sinks, score_and_write
 from streamscore.scoring import io as sio
 from streamscore.scoring import schema
@@ -78,6 +79,8 @@ class BatchProcessor:
         self.spark = spark
         self.creation = creation or sio.Creation()  # how missing output tables are created
         self.label_col: str | None = None  # monitor.label_col: a column of the output table, null when scored
+        # one MLflow step per window of batches (tracking.metrics_interval_s; 0: per batch)
+        self.metrics = MetricsWindow(0, lambda metrics, step: self.tracker.log_metrics(metrics, step=step))
         self.warmer = warmer
         self.watcher = watcher
         self.tracker = tracker
@@ -183,7 +186,7 @@ class BatchProcessor:
             seconds,
             ", ".join(f"{k} {v:.2f}" for k, v in phases.items()),
         )
-        self.tracker.log_metrics(
+        self.metrics.add(
             {
                 **counts,
                 "batch_duration_s": seconds,
@@ -192,7 +195,7 @@ class BatchProcessor:
                 "model_version": float(version) if version.isdigit() else None,
                 "tracking_metrics_dropped": self.tracker.dropped,
             },
-            step=batch_id,
+            batch_id,
         )
 
     def first_batch_s(self) -> float | None:

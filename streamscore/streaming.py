@@ -129,6 +129,8 @@ def build_watcher(
         if tracker is None:
             return
         swaps_logged += 1
+        if settings.tracking.rotate_on_swap:
+            tracker.request_rotation()  # the new version's metrics in a run of their own
         tracker.log_metrics(
             {
                 "swap_latency_s": ev.swap_latency_s,
@@ -267,6 +269,7 @@ def _stream(
     ctx.on_close(warmer.stop)
     processor = BatchProcessor(spark, watcher, ctx.tracker, sinks, recent, warmer, table_options(settings))
     processor.label_col = settings.monitor.label_col
+    processor.metrics.interval_s = settings.tracking.metrics_interval_s
     with ctx.phase("model"):  # resolve, download, policy, gate (warms the Python workers), tables
         handle = start_serving(watcher, processor)
     run_id = ctx.start_run(
@@ -325,6 +328,7 @@ def _warn_if_new_checkpoint_on_old_tables(spark: SparkSession, settings: Setting
 def _summary(
     settings: Settings, ctx: JobContext, processor: BatchProcessor, watcher: RegistryWatcher, stopper: StopController
 ) -> dict[str, Any]:
+    processor.metrics.flush()  # the last window's step, before the run is closed
     out: dict[str, Any] = {  # query id, run id, tracking URI and experiment: already in ctx.summary
         "output_table": str(settings.output_table),
         "dead_letter_table": str(settings.dead_letter_table),

@@ -3,6 +3,13 @@
 Metrics go through a bounded buffer: when the tracking server is unreachable the stream goes on,
 the outage is logged once, the oldest buffered entries are dropped first (and counted), and the
 buffer is flushed when the server answers again.
+
+A job that never ends outgrows one run (Databricks caps the metric steps of a run): the run is
+continued in a new one of the same experiment before it holds more metric values than its budget
+(``tracking.run_metric_budget``), after ``tracking.rotate_after_h``, or on request (a model swap,
+with ``tracking.rotate_on_swap``). The runs are linked by the tags ``streamscore.previous_run_id``
+and ``streamscore.next_run_id`` and numbered by ``streamscore.run_part``; the new run gets the
+params and every tag set so far (swaps, refusals, class labels), so the latest run is complete.
 """
 
 from __future__ import annotations
@@ -51,6 +58,11 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: Mapping[str, float | None], step: int) -> None: ...
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def request_rotation(self) -> None: ...
+
+    @property
+    def run_ids(self) -> list[str]: ...
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None: ...
 
@@ -128,7 +140,14 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class RunTracker:
-    def __init__(self, tracking_uri: str, experiment: str, buffer_max_entries: int = 10000):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        buffer_max_entries: int = 10000,
+        metric_budget: int = 900_000,
+        max_age_s: float | None = None,
+    ):
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
@@ -147,6 +166,17 @@ class RunTracker:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._sender: threading.Thread | None = None
+        # rotation: metric values sent to the current run, its start, what a new run repeats
+        self.metric_budget = metric_budget
+        self.max_age_s = max_age_s
+        self.part = 1
+        self.run_ids: list[str] = []
+        self._values = 0
+        self._run_started = time.time()
+        self._rotate_requested = False
+        self._run_name = ""
+        self._params: dict[str, str] = {}
+        self._carried: dict[str, str] = {}
 
     # -- run lifecycle ---------------------------------------------------------------------------
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
@@ -154,13 +184,55 @@ class RunTracker:
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
+        self.run_ids = [self.run_id]
+        self._run_name, self._params, self._carried = run_name, _flatten(params), dict(tags)
+        self._run_started = time.time()
+        self._log_params(self.run_id)
+        return self.run_id
+
+    def _log_params(self, run_id: str) -> None:
         from mlflow.entities import Param
 
-        flat = _flatten(params)
-        items = [Param(k, v) for k, v in flat.items()]
+        items = [Param(k, v) for k, v in self._params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
-        return self.run_id
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def request_rotation(self) -> None:
+        """Continue in a new run before the next metrics are sent (a model swap, say)."""
+        self._rotate_requested = True
+        self._wake.set()
+
+    def _rotation_due(self) -> bool:
+        aged = self.max_age_s is not None and time.time() - self._run_started >= self.max_age_s
+        return self._values > 0 and (self._rotate_requested or aged or self._values >= self.metric_budget)
+
+    def _rotate(self) -> bool:
+        """Close the current run and continue in a new, linked one; False when the server did not
+        take it (tried again at the next send; the metrics stay buffered)."""
+        old = self.run_id
+        assert old is not None and self.experiment_id is not None
+        try:
+            tags = {**self._carried, "streamscore.previous_run_id": old, "streamscore.run_part": str(self.part + 1)}
+            run = self.client.create_run(
+                self.experiment_id, run_name=f"{self._run_name} (part {self.part + 1})", tags=tags
+            )
+        except Exception as e:  # noqa: BLE001 - tracking must never stop scoring
+            self._outage(e)
+            return False
+        self.run_id = run.info.run_id
+        self.run_ids.append(self.run_id)
+        self.part += 1
+        self._values = 0
+        self._run_started = time.time()
+        self._rotate_requested = False
+        try:
+            self._log_params(self.run_id)
+            self.client.set_tag(old, "streamscore.next_run_id", self.run_id)
+            self.client.set_terminated(old, status="FINISHED")
+        except Exception as e:  # noqa: BLE001 - the new run is open; the old one keeps what it has
+            log.warning("MLflow run %s: could not link or close it after rotation: %s", old, e)
+        log.info("MLflow run %s continues in run %s (part %d)", old, self.run_id, self.part)
+        return True
 
     @property
     def mirror_run_id(self) -> str | None:
@@ -181,10 +253,12 @@ class RunTracker:
         self._wake.set()
 
         def close() -> bool:
+            nonlocal run_id
             if self._sender is not None:
                 self._sender.join()
             if not self.flush():
                 return False
+            run_id = self.run_id or run_id  # the flush may have continued the run in a new one
             if summary is not None:
                 try:
                     self.client.log_text(run_id, json.dumps(summary, indent=2, default=str), "summary.json")
@@ -246,6 +320,7 @@ class RunTracker:
         """Queued like metrics and sent by the same thread (a later value of a key replaces an unsent one)."""
         with self._lock:
             self._tags.update(tags)
+            self._carried.update(tags)
         self._start_sender()
         self._wake.set()
 
@@ -261,11 +336,15 @@ class RunTracker:
                     chunk = list(itertools.islice(self._buffer, 1000))
                 if not chunk:
                     break
+                if self._rotation_due() and not self._rotate():
+                    return False
+                chunk = chunk[: max(1, self.metric_budget - self._values)]
                 try:
                     self.client.log_batch(self.run_id, metrics=[m for _, m in chunk])
                 except Exception as e:  # noqa: BLE001 - tracking must never stop scoring
                     self._outage(e)
                     return False
+                self._values += len(chunk)
                 with self._lock:  # entries dropped meanwhile were the oldest: pop up to the last sent
                     while self._buffer and self._buffer[0][0] <= chunk[-1][0]:
                         self._buffer.popleft()
@@ -375,6 +454,14 @@ class MirroredTracker:
         for t in self._both():
             t.set_tags(tags)
 
+    def request_rotation(self) -> None:
+        for t in self._both():
+            t.request_rotation()
+
+    @property
+    def run_ids(self) -> list[str]:
+        return self.primary.run_ids
+
     def flush(self) -> bool:
         return all([t.flush() for t in self._both()])
 
@@ -388,9 +475,14 @@ class MirroredTracker:
 
 def make_tracker(settings: Settings, tracking_uri: str) -> Tracker:
     t = settings.tracking
-    primary = RunTracker(tracking_uri, t.experiment, t.buffer_max_entries)
+    age = None if t.rotate_after_h is None else t.rotate_after_h * 3600
+
+    def tracker(uri: str) -> RunTracker:
+        return RunTracker(uri, t.experiment, t.buffer_max_entries, t.run_metric_budget, age)
+
+    primary = tracker(tracking_uri)
     if not t.mirror_uri:
         return primary
     if t.mirror_uri.startswith("azureml://"):
         _check_azureml_plugin()
-    return MirroredTracker(primary, RunTracker(t.mirror_uri, t.experiment, t.buffer_max_entries))
+    return MirroredTracker(primary, tracker(t.mirror_uri))

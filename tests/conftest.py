@@ -174,7 +174,8 @@ def make_settings(services, tracking, home, tmp_path):
                 "dead_letter_path": str(tmp_path / f"dead{n}"),
                 "checkpoint_path": str(tmp_path / f"cp{n}"),
             },
-            "tracking": {"uri": services["mlflow"], "experiment": "streamscore-tests"},
+            # one step per batch: tests count steps against batch ids (windows: tests/test_run_rotation.py)
+            "tracking": {"uri": services["mlflow"], "experiment": "streamscore-tests", "metrics_interval_s": 0},
             "catalog": {"metastore": services["metastore"]},
             # many of the tests' models are custom python_model classes (pickled): the loading
             # policy's default refuses them (tests/test_policy.py checks that default)

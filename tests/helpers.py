@@ -224,6 +224,7 @@ def stream_command(settings, home, *flags: str, **overrides: str) -> list[str]:
         "catalog.metastore": settings.catalog.metastore,
         "tracking.uri": settings.tracking.uri,
         "tracking.experiment": settings.tracking.experiment,
+        "tracking.metrics_interval_s": str(settings.tracking.metrics_interval_s),
         "model.name": settings.model.name,
         "trigger.processing_time": "1 second",
     } | {key.replace("__", "."): value for key, value in overrides.items()}

@@ -276,7 +276,44 @@ class AzureMLWorkspace(_MlflowFront):
 
 
 class DatabricksWorkspace(_MlflowFront):
+    """With ``metric_quota``, a run that would hold more metric values than that is refused, as
+    Databricks refuses metric logging past its per-run limit on metric steps (documented on its
+    resource-limits page as 1,000,000 in total per run): HTTP 400, ``RESOURCE_LIMIT_EXCEEDED``,
+    nothing of the refused batch kept."""
+
     server_name = "databricks-workspace"
+    metric_quota: int | None = None
+
+    def __init__(self, upstream: str, tls: tuple[Path, Path] | None = None, metric_quota: int | None = None):
+        super().__init__(upstream, tls)
+        self.metric_quota = metric_quota
+        self.metric_values: dict[str, int] = {}  # run id -> metric values taken
+        self.refused_metric_calls = 0
+
+    def _over_quota(self, h: BaseHTTPRequestHandler, path: str, body: bytes) -> bool:
+        if self.metric_quota is None or not path.endswith(("/runs/log-batch", "/runs/log-metric")):
+            return False
+        request = json.loads(body or b"{}")
+        run_id = request.get("run_id") or request.get("run_uuid") or ""
+        n = len(request.get("metrics", [])) if path.endswith("log-batch") else 1
+        with self._lock:
+            have = self.metric_values.get(run_id, 0)
+            if n and have + n > self.metric_quota:
+                self.refused_metric_calls += 1
+                refuse = True
+            else:
+                self.metric_values[run_id] = have + n
+                refuse = False
+        if refuse:
+            reply(
+                h,
+                400,
+                {
+                    "error_code": "RESOURCE_LIMIT_EXCEEDED",
+                    "message": f"Run {run_id} has reached the limit of {self.metric_quota} metric steps",
+                },
+            )
+        return refuse
 
     @property
     def url(self) -> str:
@@ -297,6 +334,7 @@ class DatabricksWorkspace(_MlflowFront):
             self._store(h, f"{m[1]}/{m[2]}/artifacts/{unquote(m[3])}", body)
             return True
         if path.startswith("/api/2.0/mlflow/"):
-            self._pass_mlflow(h, h.path, body)
+            if not self._over_quota(h, path, body):
+                self._pass_mlflow(h, h.path, body)
             return True
         return False

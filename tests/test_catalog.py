@@ -18,6 +18,7 @@ import time
 import pandas as pd
 import pytest
 from deltalake import DeltaTable as RsDeltaTable
+from mlflow import MlflowClient
 
 from streamscore.conf.settings import BackfillRequest, ConfigError, load_settings
 from streamscore.demo import ensure_topic, iris_frame, produce_events, train_and_register
@@ -186,10 +187,16 @@ def test_backfill_from_and_to_named_tables_replaces_its_slice(spark, make_settin
         sink={"output_table": f"{db}.streamed", "output_path": None},
         trigger={"available_now": True},
         monitor={"label_col": "label"},  # a column for labels joined later: null when scored
+        tracking={"metrics_interval_s": 3600},  # one window: the job's end logs it
     )
     summary = run_stream(streamed)
     assert summary["status"] == "FINISHED" and summary["rows_scored"] == 60, summary
     rows = spark.read.table(f"{db}.streamed").toPandas()
     assert sorted(rows["event_id"]) == sorted(events["event_id"]) and set(rows["source"]) == {f"{db}.events"}
+    client = MlflowClient(streamed.tracking.uri)
+    (window,) = client.get_metric_history(summary["run_id"], "batches")
+    assert window.value == summary["batches"] and window.step >= rows["batch_id"].max()
+    assert client.get_metric_history(summary["run_id"], "rows_in")[0].value == 60
+    assert client.get_metric_history(summary["run_id"], "batch_duration_s_max")
     types = dict(spark.read.table(f"{db}.streamed").dtypes)
     assert rows["label"].isna().all() and types["label"] == types["prediction"]

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from tests.httpkit import forward, read_body, reply, serve
 
@@ -129,12 +129,14 @@ class _MlflowFront:
                     pass
                 elif path.startswith("/upload/"):  # signed URL: no bearer token, as in the clouds
                     front._upload(self, path, body)
+                elif path.startswith("/signed/"):  # a signed download URL (Files API offload)
+                    front._signed_download(self, path)
                 elif self.headers.get("Authorization") != f"Bearer {front.token}":
                     reply(self, 401, {"error_code": "UNAUTHENTICATED", "message": "invalid bearer token"})
                 elif not front._route(self, path, body):
                     reply(self, 404, {"error_code": "ENDPOINT_NOT_FOUND", "message": f"{path} is not served here"})
 
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle
 
         self._api = serve(Api, self.server_name, tls=tls)
         self._scheme = "https" if tls else "http"
@@ -169,6 +171,15 @@ class _MlflowFront:
             data,
         )
         reply(h, status, data, {**headers, "Content-Type": "application/json"}, reason)
+
+    def _signed_download(self, h: BaseHTTPRequestHandler, path: str) -> None:
+        if parse_qs(urlsplit(h.path).query).get("sig") != [self._sig]:
+            reply(h, 403, {"error": "AuthenticationFailed"})
+            return
+        self._serve_signed(h, unquote(path[len("/signed") :]))
+
+    def _serve_signed(self, h: BaseHTTPRequestHandler, path: str) -> None:
+        reply(h, 404, {"error": "not found"})
 
     def _upload_url(self, experiment_id: str, run_id: str, path: str) -> str:
         return f"{self._scheme}://{self.host}/upload/{experiment_id}/{run_id}/artifacts/{path}?sig={self._sig}"
@@ -290,6 +301,124 @@ class DatabricksWorkspace(_MlflowFront):
         self.metric_values: dict[str, int] = {}  # run id -> metric values taken
         self.refused_metric_calls = 0
 
+    # -- Unity Catalog's model registry (``databricks-uc``), answered from the real server's ----------
+    # registry: three-level names, aliases only (no stages; ``latest`` is a reserved alias), model
+    # files through the Files API under /Models/<catalog>/<schema>/<model>/<version>/
+    UC = "/api/2.0/mlflow/unity-catalog/"
+
+    def _upstream_json(self, method: str, path: str, query: dict[str, str]) -> tuple[int, dict]:
+        from urllib.parse import urlencode
+
+        status, _, _, data = forward(*self._up, method, f"{path}?{urlencode(query)}", None, {})
+        return status, json.loads(data or b"{}")
+
+    def _uc_refuse(self, h: BaseHTTPRequestHandler, status: int, code: str, message: str) -> bool:
+        reply(h, status, {"error_code": code, "message": message})
+        return True
+
+    @staticmethod
+    def _uc_version(mv: dict) -> dict:
+        out = {k: mv[k] for k in ("name", "version", "creation_timestamp", "last_updated_timestamp") if k in mv}
+        out.update(
+            source=mv.get("source", ""),
+            run_id=mv.get("run_id", ""),
+            status="READY" if mv.get("status") == "READY" else "PENDING_REGISTRATION",
+            storage_location=mv.get("source", ""),
+            aliases=[{"alias": a, "version": mv["version"]} for a in mv.get("aliases", [])],
+            tags=mv.get("tags", []),
+        )
+        return out
+
+    def _uc_registry(self, h: BaseHTTPRequestHandler, path: str, body: bytes) -> bool:
+        query = {k: v[0] for k, v in parse_qs(urlsplit(h.path).query).items()}
+        if body:
+            query.update(json.loads(body))
+        op = path[len(self.UC) :]
+        name = query.get("name", "")
+        if op != "registered-models:is-databricks-sdk-models-artifact-repository-enabled" and name.count(".") != 2:
+            return self._uc_refuse(
+                h, 400, "INVALID_PARAMETER_VALUE", f"Model name '{name}' is not a three-level name catalog.schema.model"
+            )
+        if op == "registered-models:is-databricks-sdk-models-artifact-repository-enabled":
+            reply(h, 200, {"is_databricks_sdk_models_artifact_repository_enabled": True})
+            return True
+        if op == "model-versions/emit-lineage":  # accepted, nothing kept here
+            reply(h, 200, {})
+            return True
+        if op == "registered-models/alias":
+            alias = query.get("alias", "")
+            if alias.lower() == "latest":
+                return self._uc_refuse(
+                    h, 400, "INVALID_PARAMETER_VALUE", "'latest' is a reserved alias name in Unity Catalog"
+                )
+            if h.command != "GET":
+                return False  # setting or deleting aliases: through the real server in the tests
+            status, data = self._upstream_json("GET", "/api/2.0/mlflow/registered-models/alias", query)
+            if status != 200:
+                return self._uc_refuse(h, 404, "RESOURCE_DOES_NOT_EXIST", f"alias {alias} of {name} not found")
+            reply(h, 200, {"model_version": self._uc_version(data["model_version"])})
+            return True
+        if op == "model-versions/get":
+            status, data = self._upstream_json("GET", "/api/2.0/mlflow/model-versions/get", query)
+            if status != 200:
+                return self._uc_refuse(h, 404, "RESOURCE_DOES_NOT_EXIST", f"{name} version {query.get('version')}")
+            reply(h, 200, {"model_version": self._uc_version(data["model_version"])})
+            return True
+        if op == "registered-models/get":
+            status, data = self._upstream_json("GET", "/api/2.0/mlflow/registered-models/get", {"name": name})
+            if status != 200:
+                return self._uc_refuse(h, 404, "RESOURCE_DOES_NOT_EXIST", f"registered model {name}")
+            rm = data["registered_model"]
+            aliases = [{"alias": a["alias"], "version": a["version"]} for a in rm.get("aliases", [])]
+            keep = ("name", "creation_timestamp", "last_updated_timestamp", "description")
+            reply(h, 200, {"registered_model": {**{k: rm[k] for k in keep if k in rm}, "aliases": aliases}})
+            return True
+        return self._uc_refuse(h, 501, "NOT_IMPLEMENTED", f"{op} is not emulated")
+
+    def _serve_signed(self, h: BaseHTTPRequestHandler, path: str) -> None:
+        if path.startswith("/Models/"):
+            self._model_files(h, "files", path[len("/Models/") :])
+        else:
+            reply(h, 404, {"error": "not found"})
+
+    def _model_files(self, h: BaseHTTPRequestHandler, kind: str, rest: str) -> bool:
+        """``/api/2.0/fs/{files,directories}/Models/<c>/<s>/<m>/<version>/<path>``: a version's
+        files, read from where the real server keeps them (its download URI)."""
+        parts = unquote(rest).strip("/").split("/")
+        if len(parts) < 4:
+            return self._uc_refuse(h, 404, "NOT_FOUND", "no such path")
+        name, version, rel = ".".join(parts[:3]), parts[3], "/".join(parts[4:])
+        status, data = self._upstream_json(
+            "GET", "/api/2.0/mlflow/model-versions/get-download-uri", {"name": name, "version": version}
+        )
+        if status != 200:
+            return self._uc_refuse(h, 404, "NOT_FOUND", f"{name} version {version}")
+        root = data["artifact_uri"].split("mlflow-artifacts:/", 1)[-1].strip("/")
+        target = f"{root}/{rel}".rstrip("/")
+        if kind == "directories":
+            status, listing = self._upstream_json("GET", "/api/2.0/mlflow-artifacts/artifacts", {"path": target})
+            files = listing.get("files", [])
+            if status != 200 or (rel and not files):  # a file, or nothing: not a directory
+                return self._uc_refuse(h, 404, "NOT_FOUND", f"/Models/{rest} is not a directory")
+            base = "/" + "/".join(["Models", *parts])
+            contents = [
+                {
+                    "path": f"{base.rstrip('/')}/{f['path']}",
+                    "name": f["path"],
+                    "is_directory": bool(f.get("is_dir")),
+                    **({} if f.get("is_dir") else {"file_size": int(f.get("file_size", 0))}),
+                }
+                for f in files
+            ]
+            reply(h, 200, None if h.command == "HEAD" else {"contents": contents})
+            return True
+        status, _, _, raw = forward(*self._up, "GET", f"/api/2.0/mlflow-artifacts/artifacts/{target}", None, {})
+        if status != 200:
+            return self._uc_refuse(h, 404, "NOT_FOUND", f"/Models/{rest}")
+        now = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
+        reply(h, 200, raw, {"Content-Type": "application/octet-stream", "Last-Modified": now})
+        return True
+
     def _over_quota(self, h: BaseHTTPRequestHandler, path: str, body: bytes) -> bool:
         if self.metric_quota is None or not path.endswith(("/runs/log-batch", "/runs/log-metric")):
             return False
@@ -333,6 +462,16 @@ class DatabricksWorkspace(_MlflowFront):
         if m and h.command == "PUT":  # run artifacts go through the Files API
             self._store(h, f"{m[1]}/{m[2]}/artifacts/{unquote(m[3])}", body)
             return True
+        if path == "/api/2.0/fs/create-download-url" and h.command == "POST":  # the SDK's download offload
+            target = parse_qs(urlsplit(h.path).query).get("path", [""])[0]
+            url = f"{self.url}/signed{quote(target)}?sig={self._sig}"
+            reply(h, 200, {"url": url, "headers": []})
+            return True
+        m = re.fullmatch(r"/api/2\.0/fs/(files|directories)/Models/(.+)", path)
+        if m and h.command in ("GET", "HEAD"):
+            return self._model_files(h, m[1], m[2])
+        if path.startswith(self.UC):
+            return self._uc_registry(h, path, body)
         if path.startswith("/api/2.0/mlflow/"):
             if not self._over_quota(h, path, body):
                 self._pass_mlflow(h, h.path, body)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from mlflow import MlflowClient
@@ -68,15 +69,17 @@ def test_azureml_uri_is_built_and_the_plugin_resolves_it_offline():
     assert "azureml" in builder.__module__
 
 
-def _stream_through(ws, make_settings, s0, tracking: dict, events: int, malformed_every: int):
+def _stream_through(ws, make_settings, s0, tracking: dict, events: int, malformed_every: int, name=None):
     """A model registered on the real server (``s0``'s), ``events`` sent (every
     ``malformed_every``-th malformed), one stream run tracking to ``tracking``; then the emulator
     ``ws`` stops. Returns (summary, settings)."""
     try:
         s = make_settings(
-            s0.model.name, trigger={"available_now": True}, tracking={**tracking, "registry_uri": s0.tracking.uri}
+            name or s0.model.name,
+            trigger={"available_now": True},
+            tracking={"registry_uri": s0.tracking.uri, **tracking},
         )
-        train_and_register(s.model.name, "v1", alias="champion")  # the uploader's side, on the registry
+        train_and_register(s.model.name, "v1", alias="champion")  # the uploader's side, on the real registry
         k = s.source.kafka
         ensure_topic(k.bootstrap_servers, k.topic)
         produce_events(k.bootstrap_servers, k.topic, events, malformed_every=malformed_every, prefix="cloud")
@@ -165,7 +168,8 @@ def test_a_databricks_workspace_gets_the_job_run_through_the_real_client(
     """The stream tracks to ``databricks`` (MLflow's Databricks store, configured through
     ``databricks-sdk``) on a local emulator in front of a real MLflow server: bearer token,
     ``dbfs:/databricks/mlflow-tracking/`` artifact URIs, uploads through the Files API. The model
-    registry is the local server."""
+    is resolved in Unity Catalog (``databricks-uc``, a three-level name, by alias) and downloaded
+    through the Files API, as the emulator answers from the real server's registry."""
     from tests.mlflow_workspaces import DatabricksWorkspace
 
     for var in ("DATABRICKS_HOST", "DATABRICKS_TOKEN", "MLFLOW_TRACKING_TOKEN"):
@@ -173,15 +177,29 @@ def test_a_databricks_workspace_gets_the_job_run_through_the_real_client(
     monkeypatch.delenv("DATABRICKS_CONFIG_PROFILE", raising=False)
     s0 = make_settings()
     ws = DatabricksWorkspace(s0.tracking.uri)
-    target = {"uri": "databricks", "databricks_host": ws.url, "token": ws.token, "experiment": "/Shared/streamscore"}
-    summary, _ = _stream_through(ws, make_settings, s0, target, 90, 9)
+    target = {
+        "uri": "databricks",
+        "registry_uri": "databricks-uc",
+        "databricks_host": ws.url,
+        "token": ws.token,
+        "experiment": "/Shared/streamscore",
+    }
+    uc_name = f"main.ml.{s0.model.name.replace('-', '_')}"
+    summary, s = _stream_through(ws, make_settings, s0, target, 90, 9, name=uc_name)
     out, err = capfd.readouterr()
     assert summary["status"] == "FINISHED" and (summary["rows_scored"], summary["rows_dead_lettered"]) == (80, 10)
     assert summary["tracking_uri"] == "databricks"
 
     calls = ws.mlflow_calls()
     assert {c.authorization for c in calls} == {f"Bearer {ws.token}"}
-    served = [c for c in ws.calls if c.path.startswith(("/api/2.0/mlflow/", "/api/2.0/fs/files/", "/.well-known/"))]
+    paths = [c.path for c in calls]
+    assert any("/unity-catalog/registered-models/alias" in p and "champion" in p for p in paths), paths
+    model_files = ("/api/2.0/fs/files/Models/main/ml/", "/signed/Models/main/ml/")
+    assert any(c.path.startswith(model_files) for c in ws.calls)  # the model's files
+    assert summary["model_name"] == uc_name and summary["model_version"] == "1"
+    fs = ("/api/2.0/fs/files/", "/api/2.0/fs/directories/", "/api/2.0/fs/create-download-url", "/signed/Models/")
+    prefixes = ("/api/2.0/mlflow/", *fs, "/.well-known/")
+    served = [c for c in ws.calls if c.path.startswith(prefixes)]
     assert served == ws.calls, [c.path for c in ws.calls if c not in served]
     assert all(ws.token.encode() not in c.body for c in ws.calls)  # the secret travels only in the header
 
@@ -191,6 +209,42 @@ def test_a_databricks_workspace_gets_the_job_run_through_the_real_client(
     assert params["tracking.token"] == "**********"
     assert json.loads(ws.blobs["summary.json"])["run_id"] == summary["run_id"]
     assert ws.token not in json.dumps([params, run.data.tags]) + out + err
+
+
+@pytest.mark.integration
+def test_the_unity_catalog_emulator_answers_aliases_only(services, tracking, monkeypatch):
+    """What the Databricks emulator's Unity Catalog registry answers, through MLflow's own UC
+    client: a three-level name by alias, with the version's files; ``latest`` is a reserved alias;
+    a two-level name is refused; and the job's own resolution refuses stages and ``latest`` for a
+    UC registry before any call."""
+    from mlflow.exceptions import MlflowException
+
+    from streamscore.errors import ConfigError
+    from streamscore.registry_watch.resolve import ModelRef, check_uc_ref
+    from tests.mlflow_workspaces import DatabricksWorkspace
+
+    name = f"main.ml.uc_{int(time.time() * 1000)}"
+    train_and_register(name, "v1", alias="champion")
+    ws = DatabricksWorkspace(services["mlflow"])
+    monkeypatch.setenv("DATABRICKS_HOST", ws.url)
+    monkeypatch.setenv("DATABRICKS_TOKEN", ws.token)
+    monkeypatch.delenv("DATABRICKS_CONFIG_PROFILE", raising=False)
+    try:
+        uc = MlflowClient(tracking_uri="databricks", registry_uri="databricks-uc")
+        mv = uc.get_model_version_by_alias(name, "champion")
+        assert (mv.version, mv.status, mv.aliases) == ("1", "READY", ["champion"])
+        assert uc.get_registered_model(name).aliases == {"champion": "1"}
+        with pytest.raises(MlflowException, match="'latest' is a reserved alias"):
+            uc.get_model_version_by_alias(name, "latest")
+        with pytest.raises(MlflowException, match="not a three-level name"):
+            uc.get_model_version_by_alias("ml.two_levels", "champion")
+        with pytest.raises(MlflowException):  # no stages in Unity Catalog (MLflow's client says so)
+            uc.get_latest_versions(name, stages=["Production"])
+    finally:
+        ws.stop()
+    for ref in ("latest", "@latest", "stage:Production"):
+        with pytest.raises(ConfigError):
+            check_uc_ref(ModelRef.parse(ref), name)
 
 
 @pytest.mark.integration

@@ -233,6 +233,29 @@ def stream_command(settings, home, *flags: str, **overrides: str) -> list[str]:
     ]
 
 
+def run_until_failpoint(command: list[str], log, point: str) -> None:
+    """Run ``command`` (a stream job) until it kills itself with SIGKILL at failpoint ``point``
+    (``<name>@<n>``, see :mod:`streamscore.faults`); its output goes to ``log``."""
+    import os
+    import signal
+    import subprocess
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "STREAMSCORE_FAILPOINT": point},
+        )
+    try:
+        proc.wait(300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+
+
 def _tables(settings) -> dict[str, str]:
     out = {}
     for key, table in (("output", settings.output_table), ("dead_letter", settings.dead_letter_table)):

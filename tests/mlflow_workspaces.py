@@ -329,6 +329,13 @@ class DatabricksWorkspace(_MlflowFront):
         )
         return out
 
+    def _uc_model_version(self, h: BaseHTTPRequestHandler, op: str, query: dict[str, str], what: str) -> bool:
+        status, data = self._upstream_json("GET", f"/api/2.0/mlflow/{op}", query)
+        if status != 200:
+            return self._uc_refuse(h, 404, "RESOURCE_DOES_NOT_EXIST", f"{what} not found")
+        reply(h, 200, {"model_version": self._uc_version(data["model_version"])})
+        return True
+
     def _uc_registry(self, h: BaseHTTPRequestHandler, path: str, body: bytes) -> bool:
         query = {k: v[0] for k, v in parse_qs(urlsplit(h.path).query).items()}
         if body:
@@ -353,17 +360,9 @@ class DatabricksWorkspace(_MlflowFront):
                 )
             if h.command != "GET":
                 return False  # setting or deleting aliases: through the real server in the tests
-            status, data = self._upstream_json("GET", "/api/2.0/mlflow/registered-models/alias", query)
-            if status != 200:
-                return self._uc_refuse(h, 404, "RESOURCE_DOES_NOT_EXIST", f"alias {alias} of {name} not found")
-            reply(h, 200, {"model_version": self._uc_version(data["model_version"])})
-            return True
+            return self._uc_model_version(h, "registered-models/alias", query, f"alias {alias} of {name}")
         if op == "model-versions/get":
-            status, data = self._upstream_json("GET", "/api/2.0/mlflow/model-versions/get", query)
-            if status != 200:
-                return self._uc_refuse(h, 404, "RESOURCE_DOES_NOT_EXIST", f"{name} version {query.get('version')}")
-            reply(h, 200, {"model_version": self._uc_version(data["model_version"])})
-            return True
+            return self._uc_model_version(h, "model-versions/get", query, f"{name} version {query.get('version')}")
         if op == "registered-models/get":
             status, data = self._upstream_json("GET", "/api/2.0/mlflow/registered-models/get", {"name": name})
             if status != 200:

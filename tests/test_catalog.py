@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import shutil
-import signal
 import subprocess
 import time
 
@@ -25,7 +23,7 @@ from streamscore.demo import ensure_topic, iris_frame, produce_events, train_and
 from streamscore.errors import SinkError
 from streamscore.scoring import io as sio
 from streamscore.scoring.tables import TableRef
-from tests.helpers import stream_command
+from tests.helpers import run_until_failpoint, stream_command
 
 _schemas = itertools.count()
 
@@ -78,21 +76,7 @@ def test_stream_to_named_tables_kill_inside_a_batch_then_checkpoint_reset(spark,
     flags = {"source__kafka__max_offsets_per_trigger": "150", "trigger__processing_time": "0.5 seconds"}
 
     # killed between the two writes of its second batch
-    log = tmp_path / "killed.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(
-            stream_command(s, home, **flags),
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "STREAMSCORE_FAILPOINT": "between-writes@2"},
-        )
-    try:
-        proc.wait(300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    run_until_failpoint(stream_command(s, home, **flags), tmp_path / "killed.log", "between-writes@2")
     batches = lambda name: set(spark.read.table(name).select("batch_id").toPandas()["batch_id"])  # noqa: E731
     killed_in = max(batches(out_name))  # the second batch: its scored rows are in, its dead letters not
     assert killed_in not in batches(dead_name) and batches(dead_name) == batches(out_name) - {killed_in}

@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from streamscore.demo import ensure_topic, produce_events, train_and_register
-from tests.helpers import stream_command, wait_for
+from tests.helpers import run_until_failpoint, stream_command, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -47,20 +47,7 @@ def _kill_at_random(s, home, log: Path, delay: float) -> None:
 
 def _kill_at(s, home, log: Path, point: str) -> None:
     """Run until the job kills itself at ``point`` of its second batch."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            _command(s, home),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "STREAMSCORE_FAILPOINT": f"{point}@2"},
-        )
-    try:
-        proc.wait(300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    run_until_failpoint(_command(s, home), log, f"{point}@2")
 
 
 def test_kills_at_random_moments_and_inside_a_batch_lose_and_duplicate_nothing(spark, make_settings, tmp_path):

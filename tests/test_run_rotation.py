@@ -4,6 +4,7 @@ emulator in front of the tests' real MLflow server, which refuses metric logging
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -108,3 +109,73 @@ def test_thousands_of_batches_stay_under_the_quota_across_linked_runs(services, 
         plain.finish("FINISHED", None, timeout_s=5)
     finally:
         ws.stop()
+
+
+@pytest.mark.integration
+def test_a_stream_rotates_its_runs_under_a_quota_and_keeps_swaps_and_refusals(
+    spark, make_settings, services, monkeypatch
+):
+    """The stream job itself, tracking to the Databricks emulator with a small quota: one step per
+    batch and a run budget under the quota, so the run is continued several times mid-stream,
+    across a swap and a refusal. No metric call is refused; the chain of runs holds every batch's
+    rows; the latest run has the swap, the refusal and summary.json; the summary names it."""
+    from streamscore.demo import ensure_topic, produce_events, promote, train_and_register
+    from tests.helpers import StreamThread, register_raising, wait_for
+    from tests.mlflow_workspaces import DatabricksWorkspace
+
+    for var in ("DATABRICKS_HOST", "DATABRICKS_TOKEN", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.setenv(var, "")  # so that what configure_mlflow sets is undone after the test
+    monkeypatch.delenv("DATABRICKS_CONFIG_PROFILE", raising=False)
+    ws = DatabricksWorkspace(services["mlflow"], metric_quota=150)
+    experiment = f"/Shared/rotation-stream-{time.time_ns()}"
+    s = make_settings(
+        source={"kafka": {"max_offsets_per_trigger": 25}},
+        trigger={"processing_time": "0.2 seconds"},
+        tracking={
+            "uri": "databricks",
+            "registry_uri": services["mlflow"],
+            "databricks_host": ws.url,
+            "token": ws.token,
+            "experiment": experiment,
+            "metrics_interval_s": 0,
+            "run_metric_budget": 120,
+        },
+    )
+    name = s.model.name
+    train_and_register(name, "v1", alias="champion")
+    # registered before the stream starts: the job points this process's MLflow at the workspace
+    v2 = train_and_register(name, "v2", alias=None)
+    bad = register_raising(name)
+    k = s.source.kafka
+    ensure_topic(k.bootstrap_servers, k.topic)
+    sent = produce_events(k.bootstrap_servers, k.topic, 600, malformed_every=30, prefix="rot")
+    try:
+        stream = StreamThread(s)
+        p, w = stream.processor, stream.watcher
+        wait_for(lambda: p.batches >= 6, what="six batches")
+        promote(name, v2, "champion")
+        wait_for(lambda: len(w.swaps) == 1 and w.swaps[0].first_batch_id is not None, what="the swap to v2")
+        promote(name, bad, "champion")
+        wait_for(lambda: any(r.version == bad for r in w.refusals), what="the refusal")
+        wait_for(lambda: p.totals["rows_in"] >= sent.sent, timeout=240, what="every event")
+        summary = stream.stop()
+    finally:
+        ws.stop()
+
+    assert summary["status"] == "FINISHED" and ws.refused_metric_calls == 0
+    client = MlflowClient(services["mlflow"])
+    chain = summary["tracking_runs"]
+    assert len(chain) >= 3 and chain[-1] == summary["run_id"]
+    rows_in = 0
+    for i, run_id in enumerate(chain):
+        run = client.get_run(run_id)
+        values = sum(len(client.get_metric_history(run_id, key)) for key in run.data.metrics)
+        assert values <= 120, (i, values)
+        rows_in += sum(m.value for m in client.get_metric_history(run_id, "rows_in"))
+        if i:
+            assert run.data.tags["streamscore.previous_run_id"] == chain[i - 1]
+    assert rows_in == sent.sent == summary["rows_in"]
+    latest = client.get_run(chain[-1]).data.tags
+    assert "streamscore.swap.1" in latest and f"streamscore.refused.v{bad}" in latest
+    with open(client.download_artifacts(chain[-1], "summary.json")) as f:
+        assert json.load(f)["rows_in"] == sent.sent

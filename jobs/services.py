@@ -49,9 +49,15 @@ def services_for(settings: Settings) -> list[Service]:
     return out
 
 
+def _default(service: Service, settings: Settings) -> bool:
+    """Acted on without naming it: the broker and the tracking server; the metastore when the
+    settings name tables or it is running (else ``streamscore services start metastore``)."""
+    return service.name != "metastore" or settings.uses_catalog or service.pid() is not None
+
+
 def start_all(settings: Settings) -> list[dict[str, Any]]:
-    """The services a job with these settings needs (the metastore only when it names tables)."""
-    return [s.start() for s in services_for(settings) if s.name != "metastore" or settings.uses_catalog]
+    """The services a job with these settings needs."""
+    return [s.start() for s in services_for(settings) if _default(s, settings)]
 
 
 def _run(args: argparse.Namespace) -> Summary:
@@ -69,7 +75,7 @@ def _run(args: argparse.Namespace) -> Summary:
             "jar_folder": str(jars.jars_root()),
             "kafka_jars": len(list(kafka_dir.glob("*.jar"))),
         }
-    services = [s for s in services_for(settings) if not args.which or s.name in args.which]
+    services = [s for s in services_for(settings) if s.name in args.which or (not args.which and _default(s, settings))]
     results = [getattr(s, args.action)() for s in services]
     ok = all(r.get("healthy", True) for r in results) if args.action != "stop" else True
     return {"job": "services", "action": args.action, "status": "OK" if ok else "FAILED", "services": results}

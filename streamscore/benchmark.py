@@ -243,6 +243,7 @@ class Bench:
             f"sink.dead_letter_path={d}/dead_letter",
             f"sink.checkpoint_path={d}/checkpoint",
             f"model.name={model or self.model}",
+            "tracking.metrics_interval_s=0",  # per-batch steps: the figures are read from them
             "app.run_name=bench-" + name,
         ], d / "scored"
 

@@ -81,7 +81,7 @@ def test_a_predict_proba_classifier_without_input_example_streams_every_probabil
     own = mlflow.pyfunc.load_model(f"models:/{s.model.name}/{version}").predict(out[FEATURES])
     assert own.shape == (len(out), 3)
     assert np.array_equal(np.stack(out["probabilities"].to_numpy()), own)
-    assert sio.class_labels(spark, s.output_path, version) == ["setosa", "versicolor", "virginica"]
+    assert sio.class_labels(spark, s.output_table, version) == ["setosa", "versicolor", "virginica"]
     tags = MlflowClient().get_run(summary["run_id"]).data.tags
     assert json.loads(tags[f"streamscore.classes.v{version}"]) == ["setosa", "versicolor", "virginica"]
 
@@ -258,7 +258,7 @@ def test_spark_ml_pipelines_stream_natively_and_swap_under_load(spark, make_sett
     assert set(out["model_version"]) == {v1, v2}
     _assert_own_transform(spark, name, out)
     for version in (v1, v2):  # positions are the label indexer's classes
-        labels = sio.class_labels(spark, s.output_path, version)
+        labels = sio.class_labels(spark, s.output_table, version)
         assert labels is not None and sorted(labels) == sorted(SPECIES)
 
 

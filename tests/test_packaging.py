@@ -151,7 +151,10 @@ def test_the_exact_command_line_of_a_databricks_job_scores_rows_from_the_clean_v
     sets = [x for key, value in local.items() for x in ("--set", f"{key}={value}")]
     capsys.readouterr()  # what training printed
     code = submit.main(
-        ["stream", "--once", "--dry-run", "--profile", "local", "--wheel", str(wheel), *sets, "--", "--available-now"]
+        [
+            *("stream", "--once", "--dry-run", "--profile", "local", "--wheel", str(wheel), *sets),
+            *("--set", "databricks.wheel_dir=/Volumes/ml/streamscore/wheels", "--", "--available-now"),
+        ]
     )
     out = capsys.readouterr().out
     assert code == 0, out

@@ -75,12 +75,14 @@ class BatchProcessor:
         recent: RecentSample,
         warmer: sio.SnapshotWarmer | None = None,
         creation: sio.Creation | None = None,
+        label_col: str | None = None,
+        metrics_interval_s: float = 0,
     ):
         self.spark = spark
         self.creation = creation or sio.Creation()  # how missing output tables are created
-        self.label_col: str | None = None  # monitor.label_col: a column of the output table, null when scored
+        self.label_col = label_col  # monitor.label_col: a column of the output table, null when scored
         # one MLflow step per window of batches (tracking.metrics_interval_s; 0: per batch)
-        self.metrics = MetricsWindow(0, lambda metrics, step: self.tracker.log_metrics(metrics, step=step))
+        self.metrics = MetricsWindow(metrics_interval_s, lambda m, step: self.tracker.log_metrics(m, step=step))
         self.warmer = warmer
         self.watcher = watcher
         self.tracker = tracker

@@ -267,9 +267,17 @@ def _stream(
     sinks = Sinks(sio.IdempotentAppend(tables[0]), sio.IdempotentAppend(tables[1]))
     warmer = sio.SnapshotWarmer(spark, tables, settings.sink.warm_snapshots)
     ctx.on_close(warmer.stop)
-    processor = BatchProcessor(spark, watcher, ctx.tracker, sinks, recent, warmer, table_options(settings))
-    processor.label_col = settings.monitor.label_col
-    processor.metrics.interval_s = settings.tracking.metrics_interval_s
+    processor = BatchProcessor(
+        spark,
+        watcher,
+        ctx.tracker,
+        sinks,
+        recent,
+        warmer,
+        table_options(settings),
+        label_col=settings.monitor.label_col,
+        metrics_interval_s=settings.tracking.metrics_interval_s,
+    )
     with ctx.phase("model"):  # resolve, download, policy, gate (warms the Python workers), tables
         handle = start_serving(watcher, processor)
     run_id = ctx.start_run(

@@ -55,9 +55,13 @@ def _default(service: Service, settings: Settings) -> bool:
     return service.name != "metastore" or settings.uses_catalog or service.pid() is not None
 
 
+def needed_services(settings: Settings) -> list[Service]:
+    """The services a job with these settings needs (the metastore only when it names tables)."""
+    return [s for s in services_for(settings) if _default(s, settings)]
+
+
 def start_all(settings: Settings) -> list[dict[str, Any]]:
-    """The services a job with these settings needs."""
-    return [s.start() for s in services_for(settings) if _default(s, settings)]
+    return [s.start() for s in needed_services(settings)]
 
 
 def _run(args: argparse.Namespace) -> Summary:

@@ -252,10 +252,10 @@ class Bench:
 
         from streamscore.demo import train_and_register
         from streamscore.infra.services import port_open
-        from streamscore.jobs.services import services_for
+        from streamscore.jobs.services import needed_services
         from streamscore.tracking import configure_mlflow
 
-        for svc in services_for(self.settings):  # the configured services, started unless they answer
+        for svc in needed_services(self.settings):  # the services its jobs need, started unless they answer
             if not port_open(svc.port):
                 svc.start()
         configure_mlflow(self.settings)

@@ -8,41 +8,58 @@ export PYSPARK_PYTHON := $(abspath $(BIN)/python)
 # the package as it is installed (streamscore/ with jobs/, scoring/, ... as subpackages).
 TYPECHECK := build/typecheck
 
-.PHONY: setup demo test unit lint typecheck bench services-stop clean
+.PHONY: setup setup-dev demo test unit lint typecheck bench services-stop clean
 
-$(BIN)/streamscore: pyproject.toml
+# Installs go through uv (from PyPI, into the venv): the same packages as pip, resolved and
+# unpacked in parallel. Each command installs what it needs: the demo the runtime and local Spark,
+# the tests also the other extras (Azure ML, Databricks) and the test and lint tools.
+UV := $(BIN)/uv
+UV_VERSION := 0.13.8
+RUN_DEPS := $(VENV)/.deps-run
+DEV_DEPS := $(VENV)/.deps-dev
+
+$(UV):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[spark,azure,databricks,dev]'
-	touch $(BIN)/streamscore
+	$(BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
 
-setup: $(BIN)/streamscore  ## install Python deps into .venv and resolve the JVM jars once
+$(RUN_DEPS): pyproject.toml | $(UV)
+	$(UV) pip install -q --python $(BIN)/python -e '.[spark]'
+	touch $@
+
+$(DEV_DEPS): pyproject.toml | $(UV)
+	$(UV) pip install -q --python $(BIN)/python -e '.[spark,azure,databricks,report,dev]'
+	touch $@ $(RUN_DEPS)
+
+setup: $(RUN_DEPS)  ## install the runtime into .venv and resolve the JVM jars once
 	$(BIN)/streamscore services jars >/dev/null
+
+setup-dev: $(DEV_DEPS) setup  ## also the Azure ML and Databricks extras and the test and lint tools
 
 demo: setup  ## start Kafka + MLflow, register the demo model, stream-score with a live model swap
 	$(BIN)/streamscore demo
 
-test: setup lint  ## lint, then the whole test suite against real Kafka, Spark, Delta and MLflow (started by fixtures)
+test: setup-dev lint  ## lint, then the whole test suite against real Kafka, Spark, Delta and MLflow (started by fixtures)
 	$(BIN)/python -m pytest
 
 bench: setup  ## the end-to-end benchmark (about 15 minutes; results under .streamscore/bench/)
 	$(BIN)/streamscore bench
 
-unit: $(BIN)/streamscore
+unit: $(DEV_DEPS)
 	$(BIN)/python -m pytest -m "not integration"
 
-lint: $(BIN)/streamscore  ## ruff (lint + format check) and mypy
+lint: $(DEV_DEPS)  ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(MAKE) --no-print-directory typecheck
 
-typecheck: $(BIN)/streamscore
+typecheck: $(DEV_DEPS)
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/streamscore
 	cp streamscore/*.py $(TYPECHECK)/streamscore/
 	for d in jobs scoring registry_watch conf infra; do cp -r $$d $(TYPECHECK)/streamscore/$$d; done
+	cp bench/benchmark.py $(TYPECHECK)/streamscore_bench.py
 	cd $(TYPECHECK) && $(abspath $(BIN)/mypy) --config-file $(abspath pyproject.toml) \
-	    -p streamscore \
-	    | sed -e 's#^streamscore/\(jobs\|scoring\|registry_watch\|conf\|infra\)/#\1/#' -e 's#^streamscore/#streamscore/#'; \
+	    -p streamscore -m streamscore_bench \
+	    | sed -e 's#^streamscore_bench.py#bench/benchmark.py#' -e 's#^streamscore/\(jobs\|scoring\|registry_watch\|conf\|infra\)/#\1/#' -e 's#^streamscore/#streamscore/#'; \
 	    exit $${PIPESTATUS[0]}
 
 services-stop:

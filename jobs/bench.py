@@ -1,40 +1,72 @@
 """``streamscore bench``: end-to-end figures on this machine in one run, beside a plain
-single-process consumer and the model's compute ceiling (see :mod:`streamscore.benchmark`).
+single-process consumer and the model's compute ceiling (see ``bench/benchmark.py``).
 
 Starts the local services if needed, registers the models it uses, runs the real jobs in their own
-processes, and writes ``results.json`` and ``results.md`` (the README's table) under ``--out``."""
+processes, and writes ``results.json`` and ``results.md`` (the README's table) under ``--out``.
+
+The benchmark is a folder of the source checkout (``bench/``), not part of the wheel: a cluster
+that installs the wheel to score never loads it. This command runs it from the checkout the
+package is installed from (``make setup`` installs it editable)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
+from streamscore.errors import ConfigError
 from streamscore.jobs.common import ArgumentParser, Summary, add_settings_args, prepare, run_command
+
+BENCH_FILE = Path(__file__).resolve().parents[1] / "bench" / "benchmark.py"  # jobs/ sits beside bench/
+_MODULE = "streamscore_bench"
+
+
+def load_benchmark() -> ModuleType:
+    """The checkout's ``bench/benchmark.py`` (loaded once), or a ConfigError naming the fix."""
+    if _MODULE in sys.modules:
+        return sys.modules[_MODULE]
+    if not BENCH_FILE.exists():
+        raise ConfigError(
+            "streamscore bench runs from a source checkout (bench/ is not in the wheel): clone the repository "
+            "and run `make bench` there"
+        )
+    spec = importlib.util.spec_from_file_location(_MODULE, BENCH_FILE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_MODULE] = module  # its dataclasses look their module up while they are built
+    spec.loader.exec_module(module)
+    return module
+
+
+def _default(sizes: object, name: str) -> str:
+    return f" (default {getattr(sizes, name)})" if sizes is not None else ""
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    from streamscore.benchmark import SCENARIOS, Sizes
-
-    full = Sizes()
+    benchmark = load_benchmark() if BENCH_FILE.exists() else None
+    scenarios = benchmark.SCENARIOS if benchmark else ("throughput", "latency", "swap", "backfill", "memory")
+    full = benchmark.Sizes() if benchmark else None
     p = p or ArgumentParser(prog="streamscore bench", description=__doc__)
     add_settings_args(p)
     p.add_argument(
         "--only",
-        default=",".join(SCENARIOS),
-        help=f"scenarios, comma-separated (default: all of {', '.join(SCENARIOS)})",
+        default=",".join(scenarios),
+        help=f"scenarios, comma-separated (default: all of {', '.join(scenarios)})",
     )
     p.add_argument(
         "--quick", action="store_true", help="tiny sizes: a smoke run of every scenario (figures meaningless)"
     )
-    p.add_argument("--backlog", type=int, help=f"events in the throughput backlog (default {full.backlog})")
-    p.add_argument("--swaps", type=int, help=f"alias moves during the loaded stream (default {full.swaps})")
-    p.add_argument("--restarts", type=int, help=f"stop-and-restart swaps to compare with (default {full.restarts})")
+    p.add_argument("--backlog", type=int, help=f"events in the throughput backlog{_default(full, 'backlog')}")
+    p.add_argument("--swaps", type=int, help=f"alias moves during the loaded stream{_default(full, 'swaps')}")
+    p.add_argument("--restarts", type=int, help=f"stop-and-restart swaps to compare with{_default(full, 'restarts')}")
     p.add_argument(
-        "--backfill-rows", type=int, help=f"rows of the backfill's input table (default {full.backfill_rows})"
+        "--backfill-rows", type=int, help=f"rows of the backfill's input table{_default(full, 'backfill_rows')}"
     )
-    p.add_argument("--memory-swaps", type=int, help=f"versions in the memory check (default {full.memory_swaps})")
+    p.add_argument("--memory-swaps", type=int, help=f"versions in the memory check{_default(full, 'memory_swaps')}")
     p.add_argument(
         "--out", help="folder for results.json / results.md and the jobs' logs (default <home>/bench/<time>)"
     )
@@ -42,7 +74,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 
 
 def _run(args: argparse.Namespace) -> Summary:
-    from streamscore import benchmark
+    benchmark = load_benchmark()
 
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(benchmark.SCENARIOS))

@@ -33,7 +33,7 @@ import orjson
 from streamscore.deadline import run_within
 from streamscore.errors import GateRefused, RegistryError, SignatureError
 from streamscore.registry_watch.policy import LoadingPolicy
-from streamscore.registry_watch.resolve import ModelRef, materialize, resolve_version
+from streamscore.registry_watch.resolve import ModelRef, local_handle, materialize, resolve_version
 from streamscore.scoring import sparkml
 from streamscore.scoring.sparkml import INPUT_REFUSED
 from streamscore.scoring.spec import InputSpec, Output, compatible, outputs_from_schema, spec_from_signature
@@ -44,9 +44,11 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
     from pyspark.sql import SparkSession
 
+    from streamscore.conf.settings import Settings
+
 log = logging.getLogger(__name__)
 
-__all__ = ["GateRefused", "GateResult", "ValidationGate"]
+__all__ = ["GateConfig", "GateRefused", "GateResult", "ValidationGate", "own_outputs"]
 
 
 @dataclass
@@ -57,42 +59,67 @@ class GateResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class GateConfig:
+    """What the gate takes from the settings; no defaults of its own (they are the settings')."""
+
+    model_name: str
+    models_dir: Path
+    event_id_field: str
+    event_time_field: str
+    max_message_bytes: int | None
+    required_tag: str | None
+    sample_rows: int
+    timeout_s: float
+    download_timeout_s: float
+    partitions: int
+    policy: LoadingPolicy | None
+    input_schema: Mapping[str, str] | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GateConfig:
+        m, w, src = settings.model, settings.watch, settings.source
+        return cls(
+            model_name=m.name,
+            models_dir=settings.home / "models",
+            event_id_field=src.event_id_field,
+            event_time_field=src.event_time_field,
+            max_message_bytes=src.max_message_bytes,
+            required_tag=w.required_tag,
+            sample_rows=w.sample_rows,
+            timeout_s=w.gate_timeout_s,
+            download_timeout_s=w.download_timeout_s,
+            partitions=w.gate_partitions,
+            policy=LoadingPolicy(m.allowed_loaders, m.allow_pickle, m.trusted_types),
+            input_schema=m.input_schema,
+        )
+
+
 class ValidationGate:
+    """``recent_sample``: the stream's recent valid input; ``source_sample(n)``: the newest events
+    of the job's source (both optional, see the module's docstring for the order)."""
+
     def __init__(
         self,
         client: MlflowClient,
-        model_name: str,
-        models_dir: Path,
-        event_id_field: str,
-        event_time_field: str,
+        config: GateConfig,
         spark: SparkSession | None = None,
-        required_tag: str | None = None,
-        sample_rows: int = 20,
         recent_sample: Callable[[], list[str]] | None = None,
-        max_message_bytes: int | None = None,
-        timeout_s: float = 120.0,
-        download_timeout_s: float = 600.0,
-        partitions: int = 1,
-        policy: LoadingPolicy | None = None,
-        input_schema: Mapping[str, str] | None = None,
         source_sample: Callable[[int], list[str]] | None = None,
     ):
         self.client = client
-        self.model_name = model_name
-        self.models_dir = models_dir
-        self.event_id_field = event_id_field
-        self.event_time_field = event_time_field
+        self.config = config
         self.spark = spark
-        self.required_tag = required_tag
-        self.sample_rows = sample_rows
         self.recent_sample = recent_sample
-        self.max_message_bytes = max_message_bytes
-        self.timeout_s = timeout_s
-        self.download_timeout_s = download_timeout_s
-        self.partitions = partitions
-        self.policy = policy
-        self.input_schema = input_schema
         self.source_sample = source_sample
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model_name
+
+    @property
+    def models_dir(self) -> Path:
+        return self.config.models_dir
 
     def admit(self, ref: ModelRef, stream_spec: InputSpec | None, resolved: ModelVersion | None = None) -> GateResult:
         """Resolve ``ref`` (unless the caller already did: ``resolved``) and validate the version.
@@ -115,8 +142,8 @@ class ValidationGate:
         self._check_policy(mv)
         handle = self._download(mv, label)
         # nothing of the version has run yet: its MLmodel file decides whether anything will
-        if self.policy is not None:
-            why = self.policy.check(handle.local_path)
+        if self.config.policy is not None:
+            why = self.config.policy.check(handle.local_path)
             if why:
                 raise GateRefused(version, f"loading policy: {why}")
         native = handle.flavor == "spark"
@@ -127,11 +154,11 @@ class ValidationGate:
             predict_fn = (meta.flavors.get("python_function") or {}).get("predict_fn")
             spec = spec_from_signature(
                 meta.signature,
-                self.event_id_field,
-                self.event_time_field,
+                self.config.event_id_field,
+                self.config.event_time_field,
                 label,
-                self.max_message_bytes,
-                input_schema=self.input_schema,
+                self.config.max_message_bytes,
+                input_schema=self.config.input_schema,
                 predict_fn=predict_fn,
             )
             if native:  # a Spark ML version's outputs are what its transform adds (below)
@@ -181,12 +208,12 @@ class ValidationGate:
         abandoned download finishes or fails in the background; it never replaces a finished copy."""
         outcome = run_within(
             lambda: materialize(self.client, mv, self.models_dir, self.spark),
-            self.download_timeout_s,
+            self.config.download_timeout_s,
             "streamscore-download",
         )
         if not outcome.finished:
             raise RegistryError(
-                f"{label}: download took longer than watch.download_timeout_s ({self.download_timeout_s:g}s)"
+                f"{label}: download took longer than watch.download_timeout_s ({self.config.download_timeout_s:g}s)"
             )
         if outcome.error is not None:
             e = outcome.error
@@ -194,30 +221,25 @@ class ValidationGate:
         return outcome.result()
 
     def _check_policy(self, mv: ModelVersion) -> None:
-        if not self.required_tag:
+        if not self.config.required_tag:
             return
-        key, want = self.required_tag.split("=", 1)
+        key, want = self.config.required_tag.split("=", 1)
         have = (mv.tags or {}).get(key)
         if have != want:
             missing = "missing" if have is None else repr(have)
             raise GateRefused(str(mv.version), f"required tag {key}={want} is {missing}")
 
-    def own_outputs(self, model_dir: str, stream_spec: InputSpec) -> tuple[Output, ...] | None:
-        """The table's outputs as the version at ``model_dir`` returns them, from its output
-        signature (a version replayed without the gate); None when that cannot be read or does
-        not match the table's columns (the stream's own layout is used then)."""
-        from mlflow.models import Model
-
-        try:
-            meta = Model.load(model_dir)
-            if sparkml.flavor_of(model_dir) == "spark" or meta.signature is None or meta.signature.outputs is None:
-                return None
-            predict_fn = (meta.flavors.get("python_function") or {}).get("predict_fn")
-            own = outputs_from_schema(meta.signature.outputs, model_dir, predict_fn, stream_spec.features)
-            return _in_table_order(stream_spec, own)
-        except (SignatureError, KeyError, OSError, ValueError) as e:
-            log.warning("the outputs of %s cannot be read (%s); its batch is scored with the stream's", model_dir, e)
-            return None
+    def handle_for(self, name: str, version: str, run_id: str, stream_spec: InputSpec | None) -> ModelHandle:
+        """A version that served before (a replay after a crash, by its ledger record): from its
+        local files when they are there (no registry call), else downloaded again; no gate. Its
+        outputs are placed as it returns them (it may differ from the serving version's: a tensor
+        against a DataFrame's columns)."""
+        handle = local_handle(self.models_dir, name, version, run_id, self.spark)
+        if handle is None:
+            mv = self.client.get_model_version(name, version)
+            handle = materialize(self.client, mv, self.models_dir, self.spark)
+        outputs = own_outputs(handle.local_path, stream_spec) if stream_spec is not None else None
+        return replace(handle, outputs=outputs)
 
     def _load(self, handle: ModelHandle, version: str) -> Any:
         """The version loaded on the driver: its pyfunc, or a Spark ML version's pipeline model."""
@@ -240,27 +262,27 @@ class ValidationGate:
         """The rows the version is tried on, and where they came from (named in a refusal);
         ``known``: values the model is known to take for some string inputs (for built rows)."""
         if self.recent_sample is not None:
-            recent = self.recent_sample()[: self.sample_rows]
+            recent = self.recent_sample()[: self.config.sample_rows]
             if recent:
                 return recent, "recent input of the stream"
         if example is not None:
             return self._example_rows(example, spec), "the input example logged with the model"
         if self.source_sample is not None:
             try:
-                newest = _parsable(self.source_sample(self.sample_rows), spec)
+                newest = _parsable(self.source_sample(self.config.sample_rows), spec)
             except Exception as e:  # noqa: BLE001 - the source is tried, the next kind of sample is used
                 log.warning("could not read a sample from the source: %s: %s", type(e).__name__, e)
                 newest = []
             if newest:
-                return newest[: self.sample_rows], "the newest events of the source"
-        return synthetic_rows(spec, min(self.sample_rows, 3), known), "rows built from the signature's types"
+                return newest[: self.config.sample_rows], "the newest events of the source"
+        return synthetic_rows(spec, min(self.config.sample_rows, 3), known), "rows built from the signature's types"
 
     def _example_rows(self, example: Any, spec: InputSpec) -> list[str]:
         import pandas as pd
 
         frame = example if isinstance(example, pd.DataFrame) else pd.DataFrame(example)
         rows = []
-        for i, rec in enumerate(frame.head(self.sample_rows).to_dict(orient="records")):
+        for i, rec in enumerate(frame.head(self.config.sample_rows).to_dict(orient="records")):
             rec = {str(k): (v.item() if hasattr(v, "item") else v) for k, v in rec.items()}
             rec[spec.event_id_field] = f"gate-sample-{i}"
             rec[spec.event_time_field] = "2000-01-01T00:00:00Z"
@@ -310,12 +332,12 @@ class ValidationGate:
             sc.setJobGroup(group, f"streamscore validation gate: version {version}", interruptOnCancel=True)
             return list(df.collect())
 
-        outcome = run_within(collect, self.timeout_s, "streamscore-gate")
+        outcome = run_within(collect, self.config.timeout_s, "streamscore-gate")
         if not outcome.finished:
             sc.cancelJobGroup(group)
             outcome.wait_more(60)  # the cancelled tasks wind down before the gate moves on
             raise GateRefused(
-                version, f"scoring the sample took longer than watch.gate_timeout_s ({self.timeout_s:g}s)"
+                version, f"scoring the sample took longer than watch.gate_timeout_s ({self.config.timeout_s:g}s)"
             )
         return outcome.result()
 
@@ -344,7 +366,7 @@ class ValidationGate:
                 sample = sample * -(-cores // len(sample))
             df = as_events(self.spark.createDataFrame([(s,) for s in sample], "value string"), "validation-gate")
             if not all_cores:
-                df = df.repartition(max(1, min(self.partitions, len(sample))))
+                df = df.repartition(max(1, min(self.config.partitions, len(sample))))
             try:
                 rows = self._collect_within_limit(score(df, handle, spec, -1).select("ok", "reason"), version)
             except GateRefused:
@@ -359,6 +381,24 @@ class ValidationGate:
             reasons = []  # rows the model declares it cannot take (see sparkml.guards); the rest scored
         if reasons:
             raise GateRefused(version, f"scoring the {n}-row sample failed ({origin}): {reasons[0]}")
+
+
+def own_outputs(model_dir: str, stream_spec: InputSpec) -> tuple[Output, ...] | None:
+    """The table's outputs as the version at ``model_dir`` returns them, from its output
+    signature (a version replayed without the gate); None when that cannot be read or does
+    not match the table's columns (the stream's own layout is used then)."""
+    from mlflow.models import Model
+
+    try:
+        meta = Model.load(model_dir)
+        if sparkml.flavor_of(model_dir) == "spark" or meta.signature is None or meta.signature.outputs is None:
+            return None
+        predict_fn = (meta.flavors.get("python_function") or {}).get("predict_fn")
+        own = outputs_from_schema(meta.signature.outputs, model_dir, predict_fn, stream_spec.features)
+        return _in_table_order(stream_spec, own)
+    except (SignatureError, KeyError, OSError, ValueError) as e:
+        log.warning("the outputs of %s cannot be read (%s); its batch is scored with the stream's", model_dir, e)
+        return None
 
 
 def _in_table_order(stream_spec: InputSpec, own: tuple[Output, ...]) -> tuple[Output, ...]:

@@ -198,3 +198,24 @@ def _download_uris(client: Any) -> tuple[str, str]:
     if registry.startswith(("http://", "https://")):
         return registry, registry
     return tracking, registry
+
+
+class MlflowRegistry:
+    """The registry as the watcher sees it (:class:`~streamscore.registry_watch.watcher.Registry`):
+    one registered model on an MLflow client."""
+
+    def __init__(self, client: MlflowClient, model_name: str):
+        self.client = client
+        self.model_name = model_name
+
+    def resolve(self, ref: ModelRef) -> ModelVersion:
+        return resolve_version(self.client, self.model_name, ref)
+
+    def alias_set_at(self, alias: str) -> float | None:
+        """When ``alias`` was moved, if the promoter recorded it (``streamscore promote`` does)."""
+        try:
+            rm = self.client.get_registered_model(self.model_name)
+            raw = (rm.tags or {}).get(f"streamscore.alias_set_at.{alias}")
+            return float(raw) if raw else None
+        except Exception:  # noqa: BLE001 - purely informational
+            return None

@@ -19,20 +19,22 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from streamscore.errors import GateRefused, RegistryError
 from streamscore.faults import failpoint
-from streamscore.registry_watch.gate import GateResult, ValidationGate
-from streamscore.registry_watch.resolve import ModelRef, local_handle, materialize, resolve_version
+from streamscore.registry_watch.gate import GateResult
+from streamscore.registry_watch.resolve import ModelRef
 from streamscore.scoring.spec import InputSpec
 from streamscore.scoring.udf import ModelHandle
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
+
+    from streamscore.conf.settings import WatchSettings
 
 log = logging.getLogger(__name__)
 
@@ -151,28 +153,76 @@ class BatchLedger:
         os.replace(tmp, path)
 
 
+class PollOutcome(str, Enum):
+    """What one :meth:`RegistryWatcher.poll` did (a ``str``: it reads and logs as its value)."""
+
+    NOT_DUE = "not-due"  # polled less than poll_interval_s ago (and not asked to poll now)
+    BUSY = "busy"  # another poll is running (the gate can take a while)
+    RESOLVE_FAILED = "resolve-failed"  # the registry answered that the reference does not resolve
+    REGISTRY_UNREACHABLE = "registry-unreachable"  # the registry did not answer
+    UNCHANGED = "unchanged"  # the reference points at the serving (or already prepared) version
+    PENDING_CANCELLED = "pending-cancelled"  # it moved back to the serving version before the swap
+    REFUSED_RECENTLY = "refused-recently"  # a version refused less than retry_refused_after_s ago
+    RETRY_LATER = "retry-later"  # a version whose validation hit a transient error, inside its backoff
+    REFUSED = "refused"  # the gate refused the new version (its fault: a refusal is recorded)
+    VALIDATION_ERROR = "validation-error"  # the gate could not finish (not its fault): backoff
+    PREPARED = "prepared"  # the new version passed: it serves from the next batch
+
+
+class SwapState(str, Enum):
+    NOT_STARTED = "not-started"
+    SERVING = "serving"  # one version serves; nothing waits
+    PREPARED = "prepared"  # a validated version takes over at the start of the next new batch
+    SWAPPED = "swapped"  # the new version took over; its first batch is not written yet
+
+
+class Registry(Protocol):
+    """The registered model as the watcher needs it (:class:`~.resolve.MlflowRegistry`)."""
+
+    model_name: str
+
+    def resolve(self, ref: ModelRef) -> ModelVersion: ...
+
+    def alias_set_at(self, alias: str) -> float | None: ...
+
+
+class Gate(Protocol):
+    """The validation gate as the watcher needs it (:class:`~.gate.ValidationGate`)."""
+
+    def admit(
+        self, ref: ModelRef, stream_spec: InputSpec | None, resolved: ModelVersion | None = None
+    ) -> GateResult: ...
+
+    def handle_for(self, name: str, version: str, run_id: str, stream_spec: InputSpec | None) -> ModelHandle: ...
+
+
 class RegistryWatcher:
+    """State, guarded by ``_lock``: the serving version (``current``), a prepared one waiting for
+    the next batch (``_pending``) and a swap whose first batch is not written yet
+    (``_unscored_swap``): :attr:`state` names the combination. ``_poll_lock`` lets one poll run at a
+    time (the gate runs outside ``_lock``, so a batch starting meanwhile is not held up by it).
+    Time comes from ``clock`` (tests drive it)."""
+
     def __init__(
         self,
-        client: MlflowClient,
-        model_name: str,
+        registry: Registry,
         ref: ModelRef,
-        gate: ValidationGate,
-        ledger: BatchLedger | None = None,
-        poll_interval_s: float = 5.0,
-        retry_refused_after_s: float = 600.0,
+        gate: Gate,
+        watch: WatchSettings,
+        ledger: BatchLedger | None,
         on_swap: Callable[[SwapEvent], None] | None = None,
         on_refusal: Callable[[Refusal], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ):
-        self.client = client
-        self.model_name = model_name
+        self.registry = registry
         self.ref = ref
         self.gate = gate
         self.ledger = ledger
-        self.poll_interval_s = poll_interval_s
-        self.retry_refused_after_s = retry_refused_after_s
+        self.poll_interval_s = watch.poll_interval_s
+        self.retry_refused_after_s = watch.retry_refused_after_s
         self.on_swap = on_swap
         self.on_refusal = on_refusal
+        self.clock = clock
         self.current: ModelHandle | None = None
         self.spec: InputSpec | None = None
         self.swaps: list[SwapEvent] = []
@@ -190,13 +240,26 @@ class RegistryWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @property
+    def model_name(self) -> str:
+        return self.registry.model_name
+
+    @property
+    def state(self) -> SwapState:
+        with self._lock:
+            if self.current is None:
+                return SwapState.NOT_STARTED
+            if self._pending is not None:
+                return SwapState.PREPARED
+            return SwapState.SWAPPED if self._unscored_swap is not None else SwapState.SERVING
+
     # -- start -------------------------------------------------------------------------------
     def start(self, ref: ModelRef | None = None) -> ModelHandle:
         """Resolve and validate the initial version (it defines the stream's schema); ``ref``
         overrides the watched reference for this start only (a restart keeping the ledger's version)."""
         result = self.gate.admit(ref or self.ref, None)
         self.current, self.spec = result.handle, result.spec
-        self._last_poll = time.time()
+        self._last_poll = self.clock()
         log.info("serving %s (%s)", self.current.label, ref or self.ref)
         return self.current
 
@@ -213,20 +276,18 @@ class RegistryWatcher:
             self._hint_alias_set_at = alias_set_at
         self._poll_now.set()
 
-    def poll(self, force: bool = False, alias_set_at: float | None = None) -> str | None:
-        """Check the registry; prepare a new version if the reference moved. Returns what happened
-        (None: not due yet). The gate runs outside the state lock, so a batch starting meanwhile is
-        not held up by it."""
+    def poll(self, force: bool = False, alias_set_at: float | None = None) -> PollOutcome:
+        """Check the registry; prepare a new version if the reference moved."""
         if not self._poll_lock.acquire(blocking=False):
-            return "busy"
+            return PollOutcome.BUSY
         try:
-            now = time.time()
+            now = self.clock()
             if not force and not self._poll_now.is_set() and now - self._last_poll < self.poll_interval_s:
-                return None
+                return PollOutcome.NOT_DUE
             self._poll_now.clear()
             self._last_poll = now
             mv = self._resolve()
-            if isinstance(mv, str):
+            if isinstance(mv, PollOutcome):
                 return mv
             outcome = self._triage(str(mv.version), now)
             if outcome is not None:
@@ -235,41 +296,42 @@ class RegistryWatcher:
         finally:
             self._poll_lock.release()
 
-    def _resolve(self) -> ModelVersion | str:
+    def _resolve(self) -> ModelVersion | PollOutcome:
         """The version the reference points at, or why the registry could not say."""
         try:
-            mv = resolve_version(self.client, self.model_name, self.ref)
+            mv = self.registry.resolve(self.ref)
         except RegistryError as e:
             log.warning("registry poll failed, keeping %s: %s", self.serving.label, e)
-            return "resolve-failed"
+            return PollOutcome.RESOLVE_FAILED
         except Exception as e:  # noqa: BLE001 - a flaky registry must not stop scoring
             if not self._registry_down:  # log an outage once, not once per poll
                 log.warning("registry unreachable, keeping %s: %s", self.serving.label, e)
             self._registry_down = True
-            return "registry-unreachable"
+            return PollOutcome.REGISTRY_UNREACHABLE
         if self._registry_down:
             log.warning("registry reachable again")
             self._registry_down = False
         return mv
 
-    def _triage(self, version: str, now: float) -> str | None:
+    def _triage(self, version: str, now: float) -> PollOutcome | None:
         """None when ``version`` is a new candidate to validate, else why not."""
         with self._lock:
             target = self._pending.result.handle.version if self._pending else self.serving.version
             if version == target:
-                return "unchanged"
+                return PollOutcome.UNCHANGED
             if version == self.serving.version:  # the reference moved back before the swap happened
                 self._pending = None
-                return "pending-cancelled"
+                log.info("version %s is no longer wanted: %s keeps serving", target, self.serving.label)
+                return PollOutcome.PENDING_CANCELLED
         refused_at = self._refused_at.get(version)
         if refused_at is not None and now - refused_at < self.retry_refused_after_s:
-            return "refused-recently"
+            return PollOutcome.REFUSED_RECENTLY
         retry = self._retries.get(version)
         if retry is not None and now < retry[1]:
-            return "retry-later"
+            return PollOutcome.RETRY_LATER
         return None
 
-    def _validate(self, mv: ModelVersion, detected_at: float, alias_set_at: float | None) -> str:
+    def _validate(self, mv: ModelVersion, detected_at: float, alias_set_at: float | None) -> PollOutcome:
         version = str(mv.version)
         log.info(
             "registry: %s %s now points at version %s (serving %s); validating",
@@ -282,31 +344,31 @@ class RegistryWatcher:
             result = self.gate.admit(self.ref, self.spec, resolved=mv)
         except GateRefused as e:
             self._refuse(version, e)
-            return "refused"
+            return PollOutcome.REFUSED
         except Exception as e:  # noqa: BLE001 - never fails the batch that polled; tried again later
             self._retry_later(version, e)
-            return "validation-error"
+            return PollOutcome.VALIDATION_ERROR
         self._refused_at.pop(version, None)
         self._retries.pop(version, None)
-        recorded_at = self._alias_set_at()
+        recorded_at = self.registry.alias_set_at(self.ref.value) if self.ref.kind == "alias" else None
         with self._lock:
             event = SwapEvent(
                 from_version=self.serving.version,
                 to_version=version,
                 detected_at=detected_at,
-                prepared_at=time.time(),
+                prepared_at=self.clock(),
                 alias_set_at=alias_set_at or recorded_at or self._hint_alias_set_at,
                 gate_seconds=result.seconds,
             )
             self._pending = _Pending(result, event)
             self._hint_alias_set_at = None
         log.info("version %s passed the gate in %.1fs; it serves from the next batch", version, result.seconds)
-        return "prepared"
+        return PollOutcome.PREPARED
 
     def _retry_later(self, version: str, e: Exception) -> None:
         attempts, _ = self._retries.get(version, (0, 0.0))
         delay = min(self.poll_interval_s * 2 ** (attempts + 1), MAX_RETRY_DELAY_S)
-        self._retries[version] = (attempts + 1, time.time() + delay)
+        self._retries[version] = (attempts + 1, self.clock() + delay)
         log.warning(
             "could not validate version %s (attempt %d: %s: %s); trying again in %.0fs, %s keeps serving",
             version,
@@ -318,23 +380,13 @@ class RegistryWatcher:
         )
 
     def _refuse(self, version: str, e: GateRefused) -> None:
-        self._refused_at[version] = time.time()
-        refusal = Refusal(version, e.reason, time.time())
+        at = self.clock()
+        self._refused_at[version] = at
+        refusal = Refusal(version, e.reason, at)
         self.refusals.append(refusal)
         log.warning("candidate %s", e)
         if self.on_refusal:
             self.on_refusal(refusal)
-
-    def _alias_set_at(self) -> float | None:
-        """When the alias was moved, if the promoter recorded it (``streamscore promote`` does)."""
-        if self.ref.kind != "alias":
-            return None
-        try:
-            rm = self.client.get_registered_model(self.model_name)
-            raw = (rm.tags or {}).get(f"streamscore.alias_set_at.{self.ref.value}")
-            return float(raw) if raw else None
-        except Exception:  # noqa: BLE001 - purely informational
-            return None
 
     @property
     def swap_pending(self) -> bool:
@@ -344,18 +396,18 @@ class RegistryWatcher:
     def model_for_batch(self, batch_id: int) -> ModelHandle:
         """The one version that scores ``batch_id`` (the ledger's, for a replayed batch)."""
         if self.ledger is None:
-            raise RuntimeError("the watcher has no batch ledger yet")
+            raise RuntimeError("the watcher has no batch ledger")
         with self._lock:
             seen = self.ledger.get(batch_id)
             if seen is not None:
                 if self.current is not None and seen["version"] == self.current.version:
                     return self.current
                 log.info("batch %d is a replay: scoring it with version %s as before", batch_id, seen["version"])
-                return self._handle_for(seen)
+                return self.gate.handle_for(seen["name"], str(seen["version"]), seen.get("run_id") or "", self.spec)
             if self._pending is not None:
                 pending, self._pending = self._pending, None
                 event = pending.event
-                event.swapped_at = time.time()
+                event.swapped_at = self.clock()
                 event.first_batch_id = batch_id
                 self.current = pending.result.handle
                 self.swaps.append(event)
@@ -373,25 +425,11 @@ class RegistryWatcher:
             if ev is None or rows_scored == 0:
                 return
             self._unscored_swap = None
-            ev.first_scored_at = time.time()
+            ev.first_scored_at = self.clock()
             start = ev.alias_set_at or ev.detected_at
             ev.swap_latency_s = ev.first_scored_at - start
         if self.on_swap:
             self.on_swap(ev)
-
-    def _handle_for(self, rec: dict[str, Any]) -> ModelHandle:
-        """The version a ledger record names: from its local files when they are there (a replay
-        after a crash does not need the registry), else downloaded again."""
-        handle = local_handle(
-            self.gate.models_dir, rec["name"], str(rec["version"]), rec.get("run_id") or "", self.gate.spark
-        )
-        if handle is None:
-            mv = self.client.get_model_version(rec["name"], rec["version"])
-            handle = materialize(self.client, mv, self.gate.models_dir, self.gate.spark)
-        # where this version puts the table's outputs in what it returns (it may differ from the
-        # serving version's: a tensor against a DataFrame's columns)
-        outputs = self.gate.own_outputs(handle.local_path, self.spec) if self.spec is not None else None
-        return replace(handle, outputs=outputs)
 
     # -- background polling --------------------------------------------------------------------
     def start_background(self) -> None:

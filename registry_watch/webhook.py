@@ -23,7 +23,12 @@ import time
 from collections.abc import Callable, Mapping
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from streamscore.errors import ConfigError
+
+if TYPE_CHECKING:
+    from streamscore.conf.settings import WebhookSettings
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +63,20 @@ def verify(
 
 
 class WebhookReceiver:
-    def __init__(
-        self,
-        secret: str,
-        model_name: str,
-        on_event: Callable[[dict, float], None],
-        host: str = "127.0.0.1",
-        port: int = 0,
-        max_age_s: float = 300,
-        max_connections: int = 16,
-        client_timeout_s: float = 10,
-    ):
-        self.secret = secret
+    def __init__(self, config: WebhookSettings, model_name: str, on_event: Callable[[dict, float], None]):
+        """``config``: the ``watch.webhook`` section (its secret is required here)."""
+        if config.secret is None:
+            raise ConfigError("watch.webhook.secret is required to receive webhooks")
+        self.secret = config.secret.get_secret_value()
         self.model_name = model_name
         self.on_event = on_event
-        self.max_age_s = max_age_s
+        self.max_age_s = config.max_age_s
+        client_timeout_s, host, port, max_connections = (
+            config.client_timeout_s,
+            config.host,
+            config.port,
+            config.max_connections,
+        )
         self.accepted = 0
         self.rejected = 0
         self.duplicates = 0

@@ -11,6 +11,7 @@ Sinks write a frame of one micro-batch (or backfill chunk) to a Delta table:
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -176,13 +177,20 @@ def newest_delta_values(spark: SparkSession, table: TableRef, n: int) -> list[st
     return [r[VALUE] for r in rows]
 
 
-def checkpoint_exists(spark: SparkSession, path: str) -> bool | None:
-    """Whether a streaming checkpoint is already at ``path`` (any Hadoop file system URI); None
-    when this session cannot tell (no JVM access, e.g. Spark Connect)."""
-    try:
-        return HadoopFile(spark, path.rstrip("/") + "/metadata").exists()
-    except Exception:  # noqa: BLE001 - purely informational
-        return None
+def stream_id(spark: SparkSession, checkpoint: str) -> tuple[str, bool]:
+    """The id of the streaming query on ``checkpoint`` (Spark's ``metadata`` file there: the same
+    across restarts, new for a new checkpoint), and whether the checkpoint is new. For a new
+    checkpoint the id is chosen here and written where Spark reads it, so everything that depends
+    on it (the Delta app id of the writes) is fixed before the query starts."""
+    import uuid
+
+    meta = HadoopFile(spark, checkpoint.rstrip("/") + "/metadata")
+    raw = meta.read()
+    if raw is not None:
+        return str(json.loads(raw)["id"]), False
+    new = str(uuid.uuid4())
+    meta.write(json.dumps({"id": new}, separators=(",", ":")).encode())
+    return new, True
 
 
 class HadoopFile:
@@ -394,21 +402,16 @@ class IdempotentAppend:
     for the app id. An empty batch writes nothing.
 
     The app id must be unique per checkpoint *incarnation*: a new checkpoint restarts batch ids at
-    0, and with a reused app id Delta would skip every one of its writes as already done. The stream
-    binds it once its query has started (see :func:`streamscore.streaming.delta_app_id`). A frame
+    0, and with a reused app id Delta would skip every one of its writes as already done (see
+    :func:`streamscore.streaming.delta_app_id`). A frame
     not counted yet (``rows`` None) is written even when empty: the commit records the batch as
     done all the same."""
 
-    def __init__(self, table: TableRef, app_id: str | None = None):
+    def __init__(self, table: TableRef, app_id: str):
         self.table = table
         self.app_id = app_id
 
-    def bind(self, app_id: str) -> None:
-        self.app_id = app_id
-
     def write(self, df: DataFrame, batch_id: int, rows: int | None) -> None:
-        if self.app_id is None:
-            raise RuntimeError(f"no Delta app id bound for {self.table}")
         if rows == 0:
             return
         writer = df.write.format("delta").mode("append").option("txnAppId", self.app_id).option("txnVersion", batch_id)

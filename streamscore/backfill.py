@@ -75,8 +75,10 @@ class _Progress:
         self.t0 = time.time()
         self.bar = None
         if sys.stderr.isatty():
-            from tqdm import tqdm
-
+            try:
+                from tqdm import tqdm
+            except ImportError:  # the `report` extra is not installed: one log line per chunk
+                return
             self.bar = tqdm(total=chunks, unit="chunk", desc="backfill", file=sys.stderr)
 
     def chunk_done(self, chunk: int, outcome: Outcome, total_in: int) -> None:
@@ -312,18 +314,24 @@ def _log_comparison(tracker: Tracker, comparison: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "comparison.json"
         report.write_text(json.dumps(comparison, indent=2, default=str))
+        files = [report]
         plot = Path(tmp) / "prediction_distribution.png"
-        _plot(comparison, plot)
-        for f in (report, plot):
+        if _plot(comparison, plot):
+            files.append(plot)
+        for f in files:
             try:
                 tracker.log_artifact(str(f), "comparison")
             except Exception as e:  # noqa: BLE001
                 log.warning("could not store %s: %s", f.name, e)
 
 
-def _plot(comparison: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
+def _plot(comparison: dict[str, Any], path: Path) -> bool:
+    """The two versions' prediction distributions as a PNG; False without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.info("comparison plot skipped: matplotlib is not installed (pip install 'streamscore[report]')")
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -356,3 +364,4 @@ def _plot(comparison: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return True

@@ -14,6 +14,8 @@ error                      exit  raised when
 ``GateRefused``            1     a model version failed the validation gate (``.version``, ``.reason``)
 ``SourceError``            1     the input cannot be read (broker, table, offsets)
 ``SinkError``              1     an output table cannot be written
+``CheckpointInUse``        1     another job holds the stream's checkpoint (the message names it)
+``StreamFailed``           1     the streaming query ended with an error (``.detail``: Spark's text)
 ``JobFailed``              1     a job ended FAILED; ``.summary`` is its JSON summary
 =========================  ====  ==========================================================
 """
@@ -90,6 +92,47 @@ class SourceError(StreamscoreError):
 
 class SinkError(StreamscoreError):
     """An output table cannot be written."""
+
+
+class CheckpointInUse(StreamscoreError):
+    """Another running job holds the checkpoint this job was given."""
+
+
+class StreamFailed(StreamscoreError):
+    """The streaming query ended with an error. The message is one line: the cause as the user can
+    act on it (another job on the checkpoint, or the last error of the Python traceback Spark
+    wraps); ``detail`` keeps Spark's whole text (it is logged)."""
+
+    def __init__(self, message: str, detail: str):
+        super().__init__(message)
+        self.detail = detail
+
+    @classmethod
+    def from_query_error(cls, error: object, checkpoint: str | None = None) -> StreamFailed:
+        text = str(error)
+        if "ConcurrentTransactionException" in text or "DELTA_CONCURRENT_TRANSACTION" in text:
+            where = f" {checkpoint}" if checkpoint else ""
+            return cls(
+                f"another job is running on the checkpoint{where}: Delta refused this job's write of a batch the "
+                "other one wrote (nothing was written twice); stop one of them, or give each job its own "
+                "sink.checkpoint_path",
+                text,
+            )
+        return cls(f"streaming query failed: {_last_error_line(text)}", text)
+
+
+def _last_error_line(text: str) -> str:
+    """The line that says what went wrong: the last ``SomeError: ...`` of a Python traceback that
+    Spark wraps (a batch's own error), else Spark's first line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    start = text.find("Traceback (most recent call last)")
+    if start >= 0:
+        body = text[start:].split("=== Streaming Query ===", 1)[0]
+        for ln in reversed([x.strip() for x in body.splitlines() if x.strip()]):
+            head = ln.split(":", 1)[0]
+            if ":" in ln and head and " " not in head and head[0].isalpha():
+                return ln[:2000]
+    return (lines[0] if lines else text)[:2000]
 
 
 class JobFailed(StreamscoreError):

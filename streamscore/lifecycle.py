@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from pyspark.sql import SparkSession
 
+    from streamscore.checkpoint import CheckpointClaim
     from streamscore.conf.settings import Settings
     from streamscore.tracking import Tracker
 
@@ -54,8 +55,13 @@ class JobContext:
         *,
         handle_signals: bool = True,
         preflight: Callable[[Settings], None] | None = None,
+        checkpoint: str | None = None,
     ):
+        """``checkpoint``: the stream's, claimed before anything starts (one job per checkpoint,
+        :mod:`streamscore.checkpoint`)."""
         self.job = job
+        self.checkpoint = checkpoint
+        self.claim: CheckpointClaim | None = None
         self.preflight = preflight
         self.settings = settings
         self.handle_signals = handle_signals
@@ -83,6 +89,10 @@ class JobContext:
         from streamscore.spark import build_spark
         from streamscore.tracking import configure_mlflow, make_tracker
 
+        if self.checkpoint is not None:
+            from streamscore.checkpoint import CheckpointClaim
+
+            self.claim = self._stack.enter_context(CheckpointClaim(self.checkpoint, self.job))
         self.tracking_uri, self.registry_uri = configure_mlflow(self.settings)
         self.summary.update(tracking_uri=self.tracking_uri, experiment=self.settings.tracking.experiment)
         if self.preflight is not None:
@@ -110,6 +120,8 @@ class JobContext:
         with self.phase("run"):
             run_id = self.tracker.start(name, params, {"streamscore.job": self.job, **tags})
         self.summary["run_id"] = run_id
+        if self.claim is not None:
+            self.claim.note(run_id=run_id)
         return run_id
 
     def on_close(self, fn: Callable[[], Any]) -> None:

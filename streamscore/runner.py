@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pyspark.errors import StreamingQueryException
 from pyspark.sql import DataFrame
 
+from streamscore.errors import StreamFailed
 from streamscore.metrics import MetricsWindow
 from streamscore.pipeline import Outcome, Sinks, score_and_write
 from streamscore.scoring import io as sio
@@ -35,8 +36,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# the message of the error a batch raises to end the query before it starts (see StopController)
-HALT_MARKER = "streamscore: stopping before batch"
+
+class Halted(RuntimeError):
+    """Raised by a batch to end the query before the batch reads anything (see StopController):
+    the processor records the batch id, which is how the controller tells this end from a failure."""
 
 
 class RecentSample:
@@ -93,19 +96,11 @@ class BatchProcessor:
         self.batches = 0
         self.last_input_at = time.time()
         self.batch_log: list[dict[str, Any]] = []
-        self._bound = threading.Event()
         self.halt = threading.Event()  # set by the StopController: no new batch starts
         self.halted_before: int | None = None
         self.query_started_at: float | None = None
         self.first_batch_done_at: float | None = None
         self._classes_recorded: set[str] = set()
-
-    def bind(self, scored_app_id: str, dead_letter_app_id: str) -> None:
-        """Set the sinks' Delta app ids, known once the query has started; batches wait for it."""
-        for sink, app_id in ((self.sinks.scored, scored_app_id), (self.sinks.dead_letter, dead_letter_app_id)):
-            if isinstance(sink, sio.IdempotentAppend):
-                sink.bind(app_id)
-        self._bound.set()
 
     def ensure_tables(self) -> None:
         spec = self.watcher.spec
@@ -133,9 +128,7 @@ class BatchProcessor:
     def __call__(self, batch_df: DataFrame, batch_id: int) -> None:
         if self.halt.is_set():  # before anything is read, recorded or written: Spark reads it again next time
             self.halted_before = batch_id
-            raise RuntimeError(f"{HALT_MARKER} {batch_id} (its events are read again at the next start)")
-        if not self._bound.wait(timeout=120):
-            raise RuntimeError("the stream's sinks were never bound to the query")
+            raise Halted(f"streamscore: stopping before batch {batch_id} (its events are read again at the next start)")
         t0 = time.time()
         ledger = self.watcher.ledger
         replay = ledger is not None and ledger.get(batch_id) is not None  # begun before: maybe written
@@ -256,7 +249,7 @@ class StopController:
             self._first_progress_at = time.time()
         return time.time() - max(self.processor.last_input_at, self._first_progress_at)
 
-    def run(self, query: StreamingQuery) -> str:
+    def run(self, query: StreamingQuery, checkpoint: str | None = None) -> str:
         """Block until the query ends by itself or a stop condition holds; returns why it ended.
 
         The query is stopped while no trigger is active. A stream under load runs batches back to
@@ -276,6 +269,8 @@ class StopController:
             except StreamingQueryException:
                 break  # the query failed (or halted): told apart below
         error = query.exception()
-        if error is not None and not (self.reason and HALT_MARKER in str(error)):
-            raise RuntimeError(f"streaming query failed: {error}")
+        if error is not None and not (self.reason and self.processor.halted_before is not None):
+            failure = StreamFailed.from_query_error(error, checkpoint)
+            log.error("the streaming query failed: %s", failure.detail)
+            raise failure
         return self.reason or "completed"

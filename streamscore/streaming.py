@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING, Any
 from streamscore.errors import GateRefused, SinkError
 from streamscore.lifecycle import JobContext
 from streamscore.pipeline import Sinks
-from streamscore.registry_watch.gate import ValidationGate
-from streamscore.registry_watch.policy import LoadingPolicy
-from streamscore.registry_watch.resolve import ModelRef
+from streamscore.registry_watch.gate import GateConfig, ValidationGate
+from streamscore.registry_watch.resolve import MlflowRegistry, ModelRef
 from streamscore.registry_watch.watcher import BatchLedger, Refusal, RegistryWatcher, SwapEvent
 from streamscore.runner import BatchProcessor, RecentSample, StopController
 from streamscore.scoring import io as sio
@@ -79,21 +78,10 @@ def build_gate(
     configured source's, :func:`source_sampler`)."""
     return ValidationGate(
         client,
-        settings.model.name,
-        settings.home / "models",
-        settings.source.event_id_field,
-        settings.source.event_time_field,
-        spark=spark,
-        required_tag=settings.watch.required_tag,
-        sample_rows=settings.watch.sample_rows,
-        recent_sample=recent_sample,
-        max_message_bytes=settings.source.max_message_bytes,
-        timeout_s=settings.watch.gate_timeout_s,
-        download_timeout_s=settings.watch.download_timeout_s,
-        partitions=settings.watch.gate_partitions,
-        policy=LoadingPolicy(settings.model.allowed_loaders, settings.model.allow_pickle, settings.model.trusted_types),
-        input_schema=settings.model.input_schema,
-        source_sample=source_sample or source_sampler(settings, spark),
+        GateConfig.from_settings(settings),
+        spark,
+        recent_sample,
+        source_sample or source_sampler(settings, spark),
     )
 
 
@@ -118,10 +106,13 @@ def build_watcher(
     settings: Settings,
     spark: SparkSession | None,
     client: MlflowClient,
+    ledger: BatchLedger | None,
     recent_sample: Callable[[], list[str]] | None = None,
     tracker: Tracker | None = None,
 ) -> RegistryWatcher:
-    """The registry watcher; with a tracker, swaps and refusals are logged to the job's run."""
+    """The registry watcher (``ledger``: the batch ledger a stream's replays are pinned by; None
+    for a watcher that never scores a batch); with a tracker, swaps and refusals are logged to the
+    job's run."""
     swaps_logged = 0
 
     def on_swap(ev: SwapEvent) -> None:
@@ -148,12 +139,11 @@ def build_watcher(
         tracker.set_tags({f"streamscore.refused.v{r.version}": r.reason[:5000]})
 
     return RegistryWatcher(
-        client,
-        settings.model.name,
+        MlflowRegistry(client, settings.model.name),
         ModelRef.parse(settings.model.ref),
         build_gate(settings, spark, client, recent_sample),
-        poll_interval_s=settings.watch.poll_interval_s,
-        retry_refused_after_s=settings.watch.retry_refused_after_s,
+        settings.watch,
+        ledger,
         on_swap=on_swap,
         on_refusal=on_refusal,
     )
@@ -167,24 +157,13 @@ def start_webhook(
     from streamscore.registry_watch.webhook import WebhookReceiver
 
     wh = settings.watch.webhook
-    assert wh.secret is not None  # the settings refuse an enabled webhook without one
-    secret = wh.secret.get_secret_value()
-    receiver = WebhookReceiver(
-        secret,
-        settings.model.name,
-        lambda _ev, ts: watcher.request_poll(alias_set_at=ts),
-        host=wh.host,
-        port=wh.port,
-        max_age_s=wh.max_age_s,
-        max_connections=wh.max_connections,
-        client_timeout_s=wh.client_timeout_s,
-    ).start()
+    receiver = WebhookReceiver(wh, settings.model.name, lambda _ev, ts: watcher.request_poll(alias_set_at=ts)).start()
     ctx.on_close(receiver.stop)
     if wh.register_on_server:
         hook = client.create_webhook(
             name=f"streamscore-{settings.app_id}",
             url=receiver.url,
-            secret=secret,
+            secret=receiver.secret,
             events=["model_version_alias.created", "model_version.created"],
         )
         ctx.on_close(lambda: client.delete_webhook(hook.webhook_id))
@@ -250,58 +229,77 @@ def run_stream(
     :class:`~streamscore.errors.JobFailed`, which carries it, when the job fails)."""
     from streamscore.preflight import check_stream_services
 
-    with JobContext(job, settings, preflight=check_stream_services) as ctx:
-        _stream(ctx, should_stop, on_ready)
+    with JobContext(job, settings, preflight=check_stream_services, checkpoint=settings.checkpoint_path) as ctx:
+        ScoringStream(ctx, should_stop).run(on_ready)
     return ctx.summary
 
 
-def _stream(
-    ctx: JobContext, should_stop: Callable[[], bool] | None, on_ready: Callable[[StreamHandle], None] | None
-) -> None:
-    settings, spark = ctx.settings, ctx.spark
-    recent = RecentSample()
-    watcher = build_watcher(settings, spark, ctx.client, recent.rows, ctx.tracker)
-    watcher.ledger = open_ledger(settings, spark)
-    ctx.on_close(watcher.stop)
-    tables = [settings.output_table, settings.dead_letter_table]
-    sinks = Sinks(sio.IdempotentAppend(tables[0]), sio.IdempotentAppend(tables[1]))
-    warmer = sio.SnapshotWarmer(spark, tables, settings.sink.warm_snapshots)
-    ctx.on_close(warmer.stop)
-    processor = BatchProcessor(
-        spark,
-        watcher,
-        ctx.tracker,
-        sinks,
-        recent,
-        warmer,
-        table_options(settings),
-        label_col=settings.monitor.label_col,
-        metrics_interval_s=settings.tracking.metrics_interval_s,
-    )
-    with ctx.phase("model"):  # resolve, download, policy, gate (warms the Python workers), tables
-        handle = start_serving(watcher, processor)
-    run_id = ctx.start_run(
-        run_params(settings),
-        {"streamscore.model_name": handle.name, "streamscore.initial_model_version": handle.version},
-    )
-    trig = settings.trigger
-    stopper = StopController(processor, ctx.stop_requested, trig.max_batches, trig.idle_timeout_s, should_stop)
-    ctx.describe(lambda: _summary(settings, ctx, processor, watcher, stopper))
-    _warn_if_new_checkpoint_on_old_tables(spark, settings)
-    with ctx.phase("query_start"):
-        query = start_query(read_events(spark, settings), processor, settings)
-    processor.query_started_at = time.time()
-    ctx.summary["query_id"] = query.id
-    app_id = delta_app_id(settings, query.id)
-    processor.bind(app_id, app_id + "-dead-letter")  # batches wait for this
-    ctx.on_close(lambda: query.stop() if query.isActive else None)
-    if settings.watch.enabled:  # false: the start version serves until the job ends
-        watcher.start_background()
-    if settings.watch.enabled and settings.watch.webhook.enabled:
-        start_webhook(settings, watcher, ctx.client, ctx)
-    if on_ready:
-        on_ready(StreamHandle(query.id, run_id, handle.version, processor, watcher))
-    stopper.run(query)
+class ScoringStream:
+    """A stream ready to start. Construction does every step that must precede the query, in the
+    one order that works: the query's id (read from the checkpoint, or chosen for a new one) fixes
+    the Delta app id of the sinks; the ledger, the watcher and the processor are built complete;
+    the start version passes the gate and the tables are created for its schema (phase ``model``);
+    the run opens. :meth:`run` then starts the query, the registry polling and the webhook, and
+    blocks until the stream stops."""
+
+    def __init__(self, ctx: JobContext, should_stop: Callable[[], bool] | None = None):
+        settings, spark = ctx.settings, ctx.spark
+        self.ctx, self.settings = ctx, settings
+        self.query_id, new_checkpoint = sio.stream_id(spark, settings.checkpoint_path)
+        if new_checkpoint:
+            _warn_if_new_checkpoint_on_old_tables(spark, settings)
+        app_id = delta_app_id(settings, self.query_id)
+        tables = [settings.output_table, settings.dead_letter_table]
+        sinks = Sinks(sio.IdempotentAppend(tables[0], app_id), sio.IdempotentAppend(tables[1], app_id + "-dead-letter"))
+        recent = RecentSample()
+        self.watcher = build_watcher(
+            settings, spark, ctx.client, open_ledger(settings, spark), recent.rows, ctx.tracker
+        )
+        ctx.on_close(self.watcher.stop)
+        warmer = sio.SnapshotWarmer(spark, tables, settings.sink.warm_snapshots)
+        ctx.on_close(warmer.stop)
+        self.processor = BatchProcessor(
+            spark,
+            self.watcher,
+            ctx.tracker,
+            sinks,
+            recent,
+            warmer,
+            table_options(settings),
+            label_col=settings.monitor.label_col,
+            metrics_interval_s=settings.tracking.metrics_interval_s,
+        )
+        with ctx.phase("model"):  # resolve, download, policy, gate (warms the Python workers), tables
+            self.serving = start_serving(self.watcher, self.processor)
+        self.run_id = ctx.start_run(
+            run_params(settings),
+            {"streamscore.model_name": self.serving.name, "streamscore.initial_model_version": self.serving.version},
+        )
+        trig = settings.trigger
+        self.stopper = StopController(
+            self.processor, ctx.stop_requested, trig.max_batches, trig.idle_timeout_s, should_stop
+        )
+        ctx.describe(lambda: _summary(settings, ctx, self.processor, self.watcher, self.stopper))
+
+    def run(self, on_ready: Callable[[StreamHandle], None] | None = None) -> None:
+        ctx, settings = self.ctx, self.settings
+        with ctx.phase("query_start"):
+            query = start_query(read_events(ctx.spark, settings), self.processor, settings)
+        ctx.on_close(lambda: query.stop() if query.isActive else None)
+        self.processor.query_started_at = time.time()
+        ctx.summary["query_id"] = query.id
+        if query.id != self.query_id:  # Spark took another id than its checkpoint's: the app id would not be unique
+            raise RuntimeError(
+                f"the query started with id {query.id}, not the checkpoint's {self.query_id} "
+                f"({settings.checkpoint_path}/metadata): its writes would not be recognised after a restart"
+            )
+        if settings.watch.enabled:  # false: the start version serves until the job ends
+            self.watcher.start_background()
+        if settings.watch.enabled and settings.watch.webhook.enabled:
+            start_webhook(settings, self.watcher, ctx.client, ctx)
+        if on_ready:
+            on_ready(StreamHandle(query.id, self.run_id, self.serving.version, self.processor, self.watcher))
+        self.stopper.run(query, settings.checkpoint_path)
 
 
 def start_serving(watcher: RegistryWatcher, processor: BatchProcessor) -> ModelHandle:
@@ -324,7 +322,7 @@ def start_serving(watcher: RegistryWatcher, processor: BatchProcessor) -> ModelH
 
 
 def _warn_if_new_checkpoint_on_old_tables(spark: SparkSession, settings: Settings) -> None:
-    if sio.checkpoint_exists(spark, settings.checkpoint_path) is False and sio.has_rows(spark, settings.output_table):
+    if sio.table_exists(spark, settings.output_table) and sio.has_rows(spark, settings.output_table):
         log.warning(
             "starting a new checkpoint at %s on an output table that already holds rows (%s): events the "
             "source delivers again are scored again",

@@ -12,7 +12,7 @@ import cloudpickle
 import mlflow.pyfunc
 import pandas as pd
 
-from streamscore.demo import FEATURES, iris_frame
+from streamscore.demo import FEATURES, SKLEARN_REQUIREMENTS, iris_frame, pinned_requirements
 from streamscore.streaming import StreamHandle
 
 
@@ -45,6 +45,12 @@ class RecordsItsLoading(mlflow.pyfunc.PythonModel):
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
+# a model's requirements given (not inferred by MLflow in a subprocess, ~14 s a model: see
+# streamscore.demo.pinned_requirements); tests/test_models.py logs one model with inference
+SKLEARN_PIP = pinned_requirements(*SKLEARN_REQUIREMENTS)
+PYFUNC_REQUIREMENTS = pinned_requirements(*SKLEARN_REQUIREMENTS, "cloudpickle")
+
+
 def register_pyfunc(name: str, model, X: pd.DataFrame, y) -> str:
     from mlflow.models import infer_signature
 
@@ -55,6 +61,7 @@ def register_pyfunc(name: str, model, X: pd.DataFrame, y) -> str:
             signature=infer_signature(X, y),
             input_example=X.head(3),
             registered_model_name=name,
+            pip_requirements=PYFUNC_REQUIREMENTS,
         )
     return str(info.registered_model_version)
 
@@ -276,6 +283,7 @@ def register_sklearn(name: str, model, X: pd.DataFrame, alias: str | None = None
             signature=infer_signature(X, model.predict(X)),
             input_example=X.head(3),
             registered_model_name=name,
+            pip_requirements=SKLEARN_PIP,
         )
     version = str(info.registered_model_version)
     if alias:

@@ -30,7 +30,7 @@ from streamscore.demo import (
 )
 from streamscore.scoring import io as sio
 from streamscore.streaming import run_stream
-from tests.helpers import StreamThread, stream_command, wait_for
+from tests.helpers import PYFUNC_REQUIREMENTS, StreamThread, stream_command, wait_for
 from tests.test_hot_swap import Producer
 
 pytestmark = pytest.mark.integration
@@ -66,6 +66,7 @@ def test_a_predict_proba_classifier_without_input_example_streams_every_probabil
             pyfunc_predict_fn="predict_proba",
             signature=infer_signature(X, clf.predict_proba(X)),
             registered_model_name=s.model.name,
+            pip_requirements=PYFUNC_REQUIREMENTS,
         )
     version = str(info.registered_model_version)
     MlflowClient().set_registered_model_alias(s.model.name, "champion", version)
@@ -124,6 +125,7 @@ def test_named_outputs_are_columns_and_a_candidate_whose_outputs_do_not_fit_is_r
             signature=infer_signature(X, example.assign(score=example["score"].astype(float))),
             input_example=X[X["sepal_width"] != 3.0].head(3),  # rows it scores (the gate's sample)
             registered_model_name=name,
+            pip_requirements=PYFUNC_REQUIREMENTS,
         )
     v1 = str(info.registered_model_version)
     promote(name, v1, "champion")
@@ -141,6 +143,7 @@ def test_named_outputs_are_columns_and_a_candidate_whose_outputs_do_not_fit_is_r
                 name="model",
                 signature=infer_signature(X, labels_only.predict(X)),
                 registered_model_name=name,
+                pip_requirements=PYFUNC_REQUIREMENTS,
             )
         v2 = str(info.registered_model_version)
         promote(name, v2, "champion")
@@ -310,6 +313,7 @@ def test_backfill_compares_a_spark_ml_version_with_a_pyfunc_one(spark, make_sett
             signature=infer_signature(X, pyfunc.predict(None, X.head(5))),
             input_example=X.head(3),
             registered_model_name=name,
+            pip_requirements=PYFUNC_REQUIREMENTS,
         )
     v2 = str(info.registered_model_version)
     history = X.assign(event_id=[f"h-{i}" for i in range(len(X))], event_time="2026-01-01T00:00:00Z")

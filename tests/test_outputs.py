@@ -17,6 +17,7 @@ from streamscore.registry_watch.gate import synthetic_rows
 from streamscore.registry_watch.resolve import ModelRef, check_uc_ref
 from streamscore.scoring.records import parse_chunk, score_chunk
 from streamscore.scoring.spec import RESERVED_COLUMNS, SignatureError, compatible, spec_from_signature
+from tests.helpers import PYFUNC_REQUIREMENTS
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +200,7 @@ def test_a_replayed_version_is_scored_with_its_own_output_layout(data, tmp_path)
 
     import mlflow.pyfunc
 
-    from streamscore.registry_watch.gate import ValidationGate
+    from streamscore.registry_watch.gate import own_outputs
     from streamscore.scoring.spec import Output
 
     X, y = data
@@ -212,13 +213,13 @@ def test_a_replayed_version_is_scored_with_its_own_output_layout(data, tmp_path)
 
     frame = Frame().predict(None, X.head(5))
     path = tmp_path / "frame-model"
-    mlflow.pyfunc.save_model(str(path), python_model=Frame(), signature=infer_signature(X, frame))
+    mlflow.pyfunc.save_model(
+        str(path), python_model=Frame(), signature=infer_signature(X, frame), pip_requirements=PYFUNC_REQUIREMENTS
+    )
     table = (Output("prediction", "double"), Output("probabilities", "double", array=True, length=3))
     stream = spec_from_signature(infer_signature(X, np.zeros(len(X))), "event_id", "event_time", "m")
     stream = replace(stream, outputs=table)
-    gate = ValidationGate(None, "m", tmp_path, "event_id", "event_time")  # type: ignore[arg-type]
-
-    own = gate.own_outputs(str(path), stream)
+    own = own_outputs(str(path), stream)
 
     assert own is not None
     assert [(o.name, o.key) for o in own] == [("prediction", "prediction"), ("probabilities", "probabilities")]

@@ -11,7 +11,7 @@ from streamscore.demo import iris_frame, train_and_register
 from streamscore.registry_watch.policy import LoadingPolicy
 from streamscore.registry_watch.watcher import BatchLedger
 from streamscore.streaming import build_watcher
-from tests.helpers import register_records_its_loading
+from tests.helpers import PYFUNC_REQUIREMENTS, register_records_its_loading
 
 DEFAULT = LoadingPolicy(["mlflow.sklearn", "mlflow.xgboost", "mlflow.lightgbm", "mlflow.onnx", "mlflow.pyfunc.model"])
 
@@ -67,8 +67,7 @@ def test_the_gate_refuses_versions_the_policy_forbids_before_any_of_their_code_r
     s = make_settings(model={"allow_pickle": False})
     client = MlflowClient(s.tracking.uri)
     v1 = train_and_register(s.model.name, "v1", alias="champion")  # scikit-learn through skops
-    w = build_watcher(s, spark, client)
-    w.ledger = BatchLedger(tmp_path / "ledger.jsonl")
+    w = build_watcher(s, spark, client, BatchLedger(tmp_path / "ledger.jsonl"))
     assert w.start().version == v1  # the default policy admits the demo model
 
     marker = tmp_path / "loaded.txt"
@@ -82,6 +81,7 @@ def test_the_gate_refuses_versions_the_policy_forbids_before_any_of_their_code_r
             serialization_format="cloudpickle",
             input_example=X.head(3),
             registered_model_name=s.model.name,
+            pip_requirements=PYFUNC_REQUIREMENTS,
         ).registered_model_version
         trusts_too_much = mlflow.sklearn.log_model(
             model,
@@ -89,6 +89,7 @@ def test_the_gate_refuses_versions_the_policy_forbids_before_any_of_their_code_r
             input_example=X.head(3),
             registered_model_name=s.model.name,
             skops_trusted_types=["builtins.eval"],
+            pip_requirements=PYFUNC_REQUIREMENTS,
         ).registered_model_version
     marker.unlink(missing_ok=True)  # logging it loaded it once, in the uploader's process (MLflow checks the example)
     expected = {
@@ -103,7 +104,7 @@ def test_the_gate_refuses_versions_the_policy_forbids_before_any_of_their_code_r
     assert not marker.exists()  # the custom model's code never ran, on the driver or a worker
     assert w.serving.version == v1
 
-    trusting = build_watcher(make_settings(s.model.name, model={"allow_pickle": True}), spark, client)
-    trusting.ledger = BatchLedger(tmp_path / "ledger2.jsonl")
+    trusting_settings = make_settings(s.model.name, model={"allow_pickle": True})
+    trusting = build_watcher(trusting_settings, spark, client, BatchLedger(tmp_path / "ledger2.jsonl"))
     client.set_registered_model_alias(s.model.name, "champion", custom)
     assert trusting.start().version == custom and marker.exists()  # allowed: now it loads

@@ -13,6 +13,7 @@ from streamscore.registry_watch.resolve import ModelRef
 from streamscore.scoring.records import score_chunk
 from streamscore.scoring.spec import Field, InputSpec, SignatureError, compatible, spec_from_signature
 from tests.fuzz import fuzz_corpus
+from tests.helpers import SKLEARN_PIP
 
 SPEC = InputSpec("event_id", "event_time", tuple(Field(f, "double") for f in FEATURES), "long")
 
@@ -125,7 +126,9 @@ def test_worker_model_cache_is_bounded(tmp_path, model):
 
     X, _ = iris_frame()
     path = tmp_path / "m"
-    mlflow.sklearn.save_model(model, str(path), signature=infer_signature(X, model.predict(X)))
+    mlflow.sklearn.save_model(
+        model, str(path), signature=infer_signature(X, model.predict(X)), pip_requirements=SKLEARN_PIP
+    )
     for v in range(50):
         udf.load_model(udf.ModelHandle("cache-test", str(v), "run", str(path), "ship"))
     mine = [k for k in udf.cached_versions() if k[0] == "cache-test"]

@@ -21,8 +21,8 @@ from tests.helpers import register_worker_killer
 def watcher(spark, make_settings, tmp_path):
     def make(settings):
         t = settings.tracking  # the client as the jobs make it (lifecycle.JobContext)
-        w = build_watcher(settings, spark, MlflowClient(t.effective_uri(), t.effective_registry_uri()))
-        w.ledger = BatchLedger(tmp_path / "ledger.jsonl")
+        client = MlflowClient(t.effective_uri(), t.effective_registry_uri())
+        w = build_watcher(settings, spark, client, BatchLedger(tmp_path / "ledger.jsonl"))
         w.start()
         return w
 
@@ -158,8 +158,7 @@ def test_latest_and_stage_references(make_settings, watcher):
     client = MlflowClient(s.tracking.uri)
     staged = make_settings(s.model.name, model={"ref": "stage:Production"})
     client.transition_model_version_stage(s.model.name, v1, "Production")
-    w2 = build_watcher(staged, None, client)
-    w2.ledger = BatchLedger(Path(staged.checkpoint_path) / "ledger.jsonl")
+    w2 = build_watcher(staged, None, client, BatchLedger(Path(staged.checkpoint_path) / "ledger.jsonl"))
     assert w2.start().version == v1
     client.transition_model_version_stage(s.model.name, v2, "Production", archive_existing_versions=True)
     assert w2.poll(force=True) == "prepared" and w2.model_for_batch(0).version == v2

@@ -29,10 +29,16 @@ def _post(url, body: dict, secret=SECRET, ts=None, tamper=False):
     return requests.post(url, data=raw + (" " if tamper else ""), headers=headers, timeout=10)
 
 
+def _config(**values):
+    from streamscore.conf.settings import WebhookSettings
+
+    return WebhookSettings(enabled=True, secret=SECRET, **values)
+
+
 @pytest.fixture
 def receiver():
     events = []
-    r = WebhookReceiver(SECRET, "m", lambda ev, ts: events.append((ev, ts))).start()
+    r = WebhookReceiver(_config(), "m", lambda ev, ts: events.append((ev, ts))).start()
     r.events = events
     yield r
     r.stop()
@@ -103,7 +109,7 @@ def test_real_mlflow_server_delivery_reaches_the_receiver(tracking):
     v1 = train_and_register(name, "v1", alias=None)
     got = threading.Event()
     seen = []
-    r = WebhookReceiver(SECRET, name, lambda ev, ts: (seen.append(ev), got.set())).start()
+    r = WebhookReceiver(_config(), name, lambda ev, ts: (seen.append(ev), got.set())).start()
     client = MlflowClient()
     hook = client.create_webhook(name="t", url=r.url, secret=SECRET, events=["model_version_alias.created"])
     try:
@@ -196,7 +202,7 @@ def test_an_oversized_body_is_refused_from_its_header_unread(receiver):
 
 def test_slow_clients_time_out_and_connections_beyond_the_bound_are_closed():
     events = []
-    r = WebhookReceiver(SECRET, "m", lambda ev, ts: events.append(ev), max_connections=3, client_timeout_s=1.5)
+    r = WebhookReceiver(_config(max_connections=3, client_timeout_s=1.5), "m", lambda ev, ts: events.append(ev))
     r.start()
     try:
         slow = [_raw_request(r.url, b"POST / HTTP/1.1\r\nHost: x\r\n") for _ in range(3)]  # never finish

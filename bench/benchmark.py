@@ -509,7 +509,7 @@ class Bench:
         from mlflow.models import infer_signature
         from sklearn.linear_model import LogisticRegression
 
-        from streamscore.demo import iris_frame, make_event
+        from streamscore.demo import SKLEARN_REQUIREMENTS, iris_frame, make_event, pinned_requirements
         from streamscore.scoring.spec import spec_from_signature
         from streamscore.scoring.transform import as_events, score
         from streamscore.scoring.udf import ModelHandle
@@ -519,7 +519,9 @@ class Bench:
         signature = infer_signature(X, model.predict(X))
         path = self.out / "memory-model"
         if not path.exists():
-            mlflow.sklearn.save_model(model, str(path), signature=signature)
+            mlflow.sklearn.save_model(
+                model, str(path), signature=signature, pip_requirements=pinned_requirements(*SKLEARN_REQUIREMENTS)
+            )
         spec = spec_from_signature(signature, "event_id", "event_time", "bench model")
         now = dt.datetime.now(dt.timezone.utc)
         recs = X.to_dict(orient="records")

@@ -13,6 +13,11 @@ TYPECHECK := build/typecheck
 # Installs go through uv (from PyPI, into the venv): the same packages as pip, resolved and
 # unpacked in parallel. Each command installs what it needs: the demo the runtime and local Spark,
 # the tests also the other extras (Azure ML, Databricks) and the test and lint tools.
+# uv does not compile bytecode at install (pip compiles all of site-packages, about 40 s of CPU
+# here): Python writes it on first import, for the modules a process uses, so the commands make
+# runs must not forbid that (without bytecode every process, Spark's Python workers included,
+# compiles its imports again: about 3 s of each worker's start).
+unexport PYTHONDONTWRITEBYTECODE
 UV := $(BIN)/uv
 UV_VERSION := 0.13.8
 RUN_DEPS := $(VENV)/.deps-run
@@ -45,7 +50,7 @@ bench: setup  ## the end-to-end benchmark (about 15 minutes; results under .stre
 	$(BIN)/streamscore bench
 
 unit: $(DEV_DEPS)
-	$(BIN)/python -m pytest -m "not integration"
+	$(BIN)/python -m pytest -m unit
 
 lint: $(DEV_DEPS)  ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check .

@@ -8,6 +8,7 @@ the key. Secrets are ``SecretStr`` and print as ``**********``.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import os
 import re
@@ -602,7 +603,11 @@ def check_metastore_name(name: str, metastore: str) -> None:
         )
 
 
-_CLI_OVERRIDES: dict[str, Any] = {}
+# the --set layer of the load_settings call in progress (in this thread or task only): it must beat
+# the environment, which pydantic-settings reads inside Settings(...), so it enters as a source
+_CLI_LAYER: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "streamscore_cli_layer", default=None
+)
 
 FILE_SUFFIX = "_FILE"
 
@@ -634,7 +639,7 @@ class _CliSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return dict(_CLI_OVERRIDES)
+        return dict(_CLI_LAYER.get() or {})
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -713,14 +718,13 @@ def load_settings(
     if "STREAMSCORE_HOME" in os.environ:
         layers = _deep_merge(layers, {"app": {"home": os.environ["STREAMSCORE_HOME"]}})
     cli = overrides if isinstance(overrides, dict) else parse_overrides(overrides or [])
-    _CLI_OVERRIDES.clear()
-    _CLI_OVERRIDES.update(cli)
+    token = _CLI_LAYER.set(cli)
     try:
         return Settings(**layers)
     except ValidationError as e:
         raise ConfigError(_format_errors(e)) from None
     finally:
-        _CLI_OVERRIDES.clear()
+        _CLI_LAYER.reset(token)
 
 
 # -- backfill: one request object, validated like the settings -------------------------------------

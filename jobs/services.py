@@ -61,7 +61,19 @@ def needed_services(settings: Settings) -> list[Service]:
 
 
 def start_all(settings: Settings) -> list[dict[str, Any]]:
-    return [s.start() for s in needed_services(settings)]
+    """Start the needed services side by side (each its own process, port and folder): the wait
+    is the slowest one's, not the sum. The first failure is raised once all have answered."""
+    return _each(needed_services(settings), "start")
+
+
+def _each(services: list[Service], action: str) -> list[dict[str, Any]]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(services) <= 1 or action != "start":
+        return [getattr(s, action)() for s in services]
+    with ThreadPoolExecutor(len(services), thread_name_prefix="streamscore-services") as pool:
+        futures = [pool.submit(getattr(s, action)) for s in services]
+    return [f.result() for f in futures]
 
 
 def _run(args: argparse.Namespace) -> Summary:
@@ -80,7 +92,7 @@ def _run(args: argparse.Namespace) -> Summary:
             "kafka_jars": len(list(kafka_dir.glob("*.jar"))),
         }
     services = [s for s in services_for(settings) if s.name in args.which or (not args.which and _default(s, settings))]
-    results = [getattr(s, args.action)() for s in services]
+    results = _each(services, args.action)
     ok = all(r.get("healthy", True) for r in results) if args.action != "stop" else True
     return {"job": "services", "action": args.action, "status": "OK" if ok else "FAILED", "services": results}
 

@@ -155,7 +155,9 @@ def materialize(
     return handle
 
 
-_shipped: set[str] = set()
+# (Spark application id, folder): archives already added. addArchive is per SparkContext, and a
+# process has one SparkContext at a time: a new one (a new application id) is shipped to again.
+_shipped: set[tuple[str, str]] = set()
 
 
 def local_name(name: str, version: str) -> str:
@@ -178,11 +180,12 @@ def local_handle(
 def _ship(spark: SparkSession, folder: Path) -> None:
     """Send the model folder to every executor as an archive (Spark unpacks it there under
     ``SparkFiles.get("<folder name>.zip")``); ``addFile`` refuses local directories on a cluster."""
-    if str(folder) in _shipped:
+    key = (str(spark.sparkContext.applicationId), str(folder))
+    if key in _shipped:
         return
     archive = shutil.make_archive(str(folder), "zip", root_dir=folder)
     spark.sparkContext.addArchive(archive)
-    _shipped.add(str(folder))
+    _shipped.add(key)
 
 
 def _safe(name: str) -> str:

@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -25,6 +25,9 @@ from streamscore.errors import SinkError
 from streamscore.scoring.schema import VALUE
 from streamscore.scoring.tables import TableRef
 from streamscore.scoring.transform import as_events
+
+if TYPE_CHECKING:
+    from streamscore.conf.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +255,11 @@ class Creation:
 
     change_data_feed: bool = False  # delta.enableChangeDataFeed: row changes for readers downstream
     create_schema: bool = True  # a named table's missing schema is created (False: SinkError naming the fix)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Creation:
+        """``sink.change_data_feed`` and ``catalog.create_schemas``."""
+        return cls(settings.sink.change_data_feed, settings.catalog.create_schemas)
 
 
 def ensure_delta_table(

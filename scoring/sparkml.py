@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 INPUT_REFUSED = "input the model refuses: "  # the reason of a row a guard took out (see guards)
 CACHE_SIZE = 2  # the serving version and the one it replaced (or a candidate)
+# loaded pipelines on the driver, process-wide like the workers' cache (streamscore.scoring.udf):
+# a replayed batch after a swap finds its version without loading it again
 _cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
 _lock = threading.Lock()
 

@@ -53,6 +53,9 @@ class ModelHandle:
         return spec if self.outputs is None else replace(spec, outputs=self.outputs)
 
 
+# Process-wide on purpose: a Spark Python worker is a process that outlives the tasks it runs
+# (spark.python.worker.reuse), and nothing but module state survives from one task to the next,
+# so this is where a loaded version stays for the next batch. Bounded (CACHE_SIZE versions).
 _cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
 _lock = threading.Lock()
 

@@ -33,7 +33,7 @@ from streamscore.scoring import io as sio
 from streamscore.scoring import schema
 from streamscore.scoring.spec import PROBABILITIES, InputSpec, Output
 from streamscore.scoring.udf import ModelHandle, make_score_udf
-from streamscore.streaming import build_gate, table_options
+from streamscore.streaming import build_gate
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -144,7 +144,7 @@ class BackfillRun:
 
     def _open(self) -> None:
         spark, handle = self.ctx.spark, self.handle
-        opts = table_options(self.settings)
+        opts = sio.Creation.from_settings(self.settings)
         columns = schema.with_label(schema.output_schema(self.spec), self.settings.monitor.label_col, self.spec)
         sio.ensure_delta_table(spark, self.out_table, schema.with_backfill_id(columns), creation=opts)
         sio.ensure_delta_table(spark, self.dead_table, schema.with_backfill_id(schema.DEAD_LETTER), creation=opts)

@@ -9,7 +9,9 @@ crash is hardest to recover from:
 * ``between-writes``: the scored rows are committed to Delta, the dead letters are not;
 * ``after-writes``: both tables are committed, the checkpoint does not know the batch is done.
 
-Without the variable (always, outside the tests) a point costs one comparison.
+Without the variable (always, outside the tests) a point costs one comparison. The armed point is
+read from the environment once per process, on purpose: a failpoint sits deep inside a batch, where
+no job object reaches, and the crash tests arm each job process they start through its environment.
 """
 
 from __future__ import annotations

@@ -13,14 +13,35 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 PROJECT_LOGGER = "streamscore"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-_log_file: Path | None = None
-_quiet = False
+
+@dataclass
+class LogSetup:
+    """How this process logs (set by :func:`setup_logging`). Process-wide by nature: the root
+    logger's handlers and file descriptors 1 and 2 belong to the process, and one command runs per
+    process (a test that runs commands in-process saves and restores it: :func:`current`,
+    :func:`restore`)."""
+
+    log_file: Path | None = None  # where third-party and JVM output goes (None: the console)
+    quiet: bool = False  # MLflow's own console prints go to the log file
+
+
+_setup = LogSetup()
+
+
+def current() -> LogSetup:
+    return replace(_setup)
+
+
+def restore(setup: LogSetup) -> None:
+    global _setup
+    _setup = replace(setup)
 
 
 class _OwnLines(logging.Filter):
@@ -33,12 +54,10 @@ def setup_logging(
 ) -> Path | None:
     """Configure the root logger for a command run; returns the log file (None when verbose or
     when there is no state folder yet)."""
-    global _log_file
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # mlflow would add its own console handler
     # stdout carries the command's JSON summary only (the summary names the run and its server)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    global _quiet
-    _quiet = not verbose
+    quiet = not verbose
     if not verbose:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # download bars on stderr
     root = logging.getLogger()
@@ -50,14 +69,14 @@ def setup_logging(
     console.setFormatter(logging.Formatter(_FORMAT))
     console.setLevel(level if not verbose else logging.DEBUG)
     _mark(console)
-    _log_file = None
+    log_file: Path | None = None
     if not verbose:
         console.addFilter(_OwnLines())
         if home is not None:
             logs = home / "logs"
             logs.mkdir(parents=True, exist_ok=True)
-            _log_file = logs / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-            file_handler = logging.FileHandler(_log_file)
+            log_file = logs / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+            file_handler = logging.FileHandler(log_file)
             file_handler.setFormatter(logging.Formatter(_FORMAT))
             file_handler.setLevel(logging.INFO)
             _mark(file_handler)
@@ -67,15 +86,16 @@ def setup_logging(
     logging.getLogger(PROJECT_LOGGER).setLevel(level)
     logging.getLogger("py4j").setLevel(logging.WARNING)
     logging.captureWarnings(True)
-    if _log_file is not None:
-        logging.getLogger(PROJECT_LOGGER).info("library and JVM logs: %s", _log_file)
-    return _log_file
+    restore(LogSetup(log_file, quiet))
+    if log_file is not None:
+        logging.getLogger(PROJECT_LOGGER).info("library and JVM logs: %s", log_file)
+    return log_file
 
 
 def quiet_mlflow() -> None:
     """Send MLflow's own console prints (``Created version '3' of model ...``) to the log file
     unless verbose; called once MLflow is imported anyway."""
-    if not _quiet:
+    if not _setup.quiet:
         return
     from mlflow.utils import logging_utils
 
@@ -113,7 +133,7 @@ def _mark(handler: logging.Handler) -> None:
 
 def log_file() -> Path | None:
     """Where third-party and JVM output goes in this command run (None: the console)."""
-    return _log_file
+    return _setup.log_file
 
 
 class redirect_fds_to_log:  # noqa: N801 - used as a context manager, reads as a function
@@ -125,11 +145,11 @@ class redirect_fds_to_log:  # noqa: N801 - used as a context manager, reads as a
         self._saved: list[tuple[int, int]] = []
 
     def __enter__(self) -> redirect_fds_to_log:
-        if _log_file is None:
+        if _setup.log_file is None:
             return self
         sys.stdout.flush()
         sys.stderr.flush()
-        target = os.open(_log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        target = os.open(_setup.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             for fd in (1, 2):
                 self._saved.append((fd, os.dup(fd)))

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
     from pyspark.sql.streaming import StreamingQuery
 
+    from streamscore.conf.settings import Settings
     from streamscore.registry_watch.watcher import RegistryWatcher
     from streamscore.scoring.udf import ModelHandle
     from streamscore.tracking import Tracker
@@ -76,16 +77,17 @@ class BatchProcessor:
         tracker: Tracker,
         sinks: Sinks,
         recent: RecentSample,
-        warmer: sio.SnapshotWarmer | None = None,
-        creation: sio.Creation | None = None,
-        label_col: str | None = None,
-        metrics_interval_s: float = 0,
+        warmer: sio.SnapshotWarmer | None,
+        settings: Settings,
     ):
         self.spark = spark
-        self.creation = creation or sio.Creation()  # how missing output tables are created
-        self.label_col = label_col  # monitor.label_col: a column of the output table, null when scored
+        # how missing output tables are created (sink.change_data_feed, catalog.create_schemas)
+        self.creation = sio.Creation.from_settings(settings)
+        self.label_col = settings.monitor.label_col  # a column of the output table, null when scored
         # one MLflow step per window of batches (tracking.metrics_interval_s; 0: per batch)
-        self.metrics = MetricsWindow(metrics_interval_s, lambda m, step: self.tracker.log_metrics(m, step=step))
+        self.metrics = MetricsWindow(
+            settings.tracking.metrics_interval_s, lambda m, step: self.tracker.log_metrics(m, step=step)
+        )
         self.warmer = warmer
         self.watcher = watcher
         self.tracker = tracker

@@ -191,11 +191,6 @@ def run_params(settings: Settings) -> dict[str, Any]:
     }
 
 
-def table_options(settings: Settings) -> sio.Creation:
-    """How the job creates its tables (:func:`streamscore.scoring.io.ensure_delta_table`)."""
-    return sio.Creation(settings.sink.change_data_feed, settings.catalog.create_schemas)
-
-
 def read_events(spark: SparkSession, settings: Settings) -> DataFrame:
     src = settings.source
     if src.kind == "kafka":
@@ -265,9 +260,7 @@ class ScoringStream:
             sinks,
             recent,
             warmer,
-            table_options(settings),
-            label_col=settings.monitor.label_col,
-            metrics_interval_s=settings.tracking.metrics_interval_s,
+            settings,
         )
         with ctx.phase("model"):  # resolve, download, policy, gate (warms the Python workers), tables
             self.serving = start_serving(self.watcher, self.processor)

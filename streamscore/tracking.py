@@ -140,18 +140,13 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class RunTracker:
-    def __init__(
-        self,
-        tracking_uri: str,
-        experiment: str,
-        buffer_max_entries: int = 10000,
-        metric_budget: int = 900_000,
-        max_age_s: float | None = None,
-    ):
+    def __init__(self, tracking_uri: str, config: TrackingSettings):
+        """``config``: the ``tracking`` section (experiment, buffer, run budget and age)."""
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
-        self.experiment = experiment
+        self.experiment = config.experiment
+        buffer_max_entries = config.buffer_max_entries
         self.client = MlflowClient(tracking_uri)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
@@ -167,8 +162,8 @@ class RunTracker:
         self._stopping = threading.Event()
         self._sender: threading.Thread | None = None
         # rotation: metric values sent to the current run, its start, what a new run repeats
-        self.metric_budget = metric_budget
-        self.max_age_s = max_age_s
+        self.metric_budget = config.run_metric_budget
+        self.max_age_s = None if config.rotate_after_h is None else config.rotate_after_h * 3600
         self.part = 1
         self.run_ids: list[str] = []
         self._values = 0
@@ -475,10 +470,9 @@ class MirroredTracker:
 
 def make_tracker(settings: Settings, tracking_uri: str) -> Tracker:
     t = settings.tracking
-    age = None if t.rotate_after_h is None else t.rotate_after_h * 3600
 
     def tracker(uri: str) -> RunTracker:
-        return RunTracker(uri, t.experiment, t.buffer_max_entries, t.run_metric_budget, age)
+        return RunTracker(uri, t)
 
     primary = tracker(tracking_uri)
     if not t.mirror_uri:

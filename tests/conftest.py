@@ -37,6 +37,23 @@ def _checkout_changes() -> set[str] | None:
     return set(out.stdout.splitlines()) if out.returncode == 0 else None
 
 
+# what makes a test an integration test: the mark, or one of the shared services' fixtures
+SERVICE_FIXTURES = {"services", "tracking", "spark", "make_settings"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Two tiers, by what a test needs: ``unit`` (no services, no Spark session) runs first, in
+    seconds; then ``integration``, which shares the session's broker, MLflow server, metastore and
+    SparkSession (started by the first test that asks for them)."""
+    for item in items:
+        needs = SERVICE_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if needs and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.unit)
+    items.sort(key=lambda item: item.get_closest_marker("integration") is not None)  # stable: file order kept
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[_BEFORE] = _checkout_changes()
 
@@ -74,9 +91,9 @@ def isolated_state(monkeypatch):
 
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level  # a command run in-process sets up its logging
-    quiet, log_file = logs._quiet, logs._log_file
+    log_setup = logs.current()
     yield
-    logs._quiet, logs._log_file = quiet, log_file
+    logs.restore(log_setup)
     for h in set(root.handlers) - set(handlers):
         root.removeHandler(h)
         h.close()
@@ -110,16 +127,22 @@ def home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def services(home):
+    from concurrent.futures import ThreadPoolExecutor
+
     from streamscore.infra.services import KafkaService, MetastoreService, MlflowService, start_on_free_ports
 
     started = []
     try:
-        kafka = start_on_free_ports(lambda p: KafkaService(home, p[0], p[1]), 2)
-        started.append(kafka)
-        mlflow_srv = start_on_free_ports(lambda p: MlflowService(home, p[0]), 1)
-        started.append(mlflow_srv)
-        metastore = start_on_free_ports(lambda p: MetastoreService(home, p[0]), 1)
-        started.append(metastore)
+        with ThreadPoolExecutor(3) as pool:  # side by side: the session waits for the slowest only
+            futures = [
+                pool.submit(start_on_free_ports, lambda p: KafkaService(home, p[0], p[1]), 2),
+                pool.submit(start_on_free_ports, lambda p: MlflowService(home, p[0]), 1),
+                pool.submit(start_on_free_ports, lambda p: MetastoreService(home, p[0]), 1),
+            ]
+        for f in futures:
+            if f.exception() is None:
+                started.append(f.result())
+        kafka, mlflow_srv, metastore = (f.result() for f in futures)  # the first failure, raised
         yield {
             "kafka": kafka.address,
             "mlflow": mlflow_srv.address,

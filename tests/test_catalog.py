@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import shutil
-import subprocess
 import time
 
 import pandas as pd
@@ -23,6 +23,7 @@ from streamscore.demo import ensure_topic, iris_frame, produce_events, train_and
 from streamscore.errors import SinkError
 from streamscore.scoring import io as sio
 from streamscore.scoring.tables import TableRef
+from streamscore.streaming import run_stream
 from tests.helpers import run_until_failpoint, stream_command
 
 _schemas = itertools.count()
@@ -61,13 +62,15 @@ def test_names_are_checked_before_anything_starts(home):
         BackfillRequest.of(input={"kind": "delta"})
 
 
+def _tables(out_name: str, dead_name: str) -> dict[str, str | None]:
+    return {"output_table": out_name, "dead_letter_table": dead_name, "output_path": None, "dead_letter_path": None}
+
+
 @pytest.mark.integration
-def test_stream_to_named_tables_kill_inside_a_batch_then_checkpoint_reset(spark, make_settings, tmp_path):
+def test_stream_to_named_tables_kill_inside_a_batch_then_checkpoint_reset(spark, make_settings, tmp_path, caplog):
     db = _schema_name()  # not created beforehand: the job creates it (catalog.create_schemas)
     out_name, dead_name = f"{db}.scored", f"{db}.dead_letter"
-    s = make_settings(
-        sink={"output_table": out_name, "dead_letter_table": dead_name, "output_path": None, "dead_letter_path": None}
-    )
+    s = make_settings(sink=_tables(out_name, dead_name))
     train_and_register(s.model.name, "v1", alias="champion")
     k = s.source.kafka
     ensure_topic(k.bootstrap_servers, k.topic)
@@ -81,11 +84,14 @@ def test_stream_to_named_tables_kill_inside_a_batch_then_checkpoint_reset(spark,
     killed_in = max(batches(out_name))  # the second batch: its scored rows are in, its dead letters not
     assert killed_in not in batches(dead_name) and batches(dead_name) == batches(out_name) - {killed_in}
 
-    final = subprocess.run(
-        stream_command(s, home, "--available-now", **flags), capture_output=True, text=True, timeout=600
+    # the restart needs no fresh process: in this one, on the tests' Spark session (no JVM start)
+    drain = make_settings(
+        s.model.name,
+        source={"kafka": {"topic": k.topic, "max_offsets_per_trigger": 150}},
+        sink={**_tables(out_name, dead_name), "checkpoint_path": s.checkpoint_path},
+        trigger={"available_now": True, "processing_time": "0.5 seconds"},
     )
-    assert final.returncode == 0, final.stderr[-3000:]
-    summary = json.loads(final.stdout.strip().splitlines()[-1])
+    summary = run_stream(drain)
     assert summary["status"] == "FINISHED" and summary["output_table"] == out_name
 
     scored = spark.read.table(out_name).toPandas()
@@ -108,11 +114,10 @@ def test_stream_to_named_tables_kill_inside_a_batch_then_checkpoint_reset(spark,
     # one, Delta would skip batch ids 0, 1, ... as already written)
     shutil.rmtree(s.checkpoint_path)
     more = produce_events(k.bootstrap_servers, k.topic, 100, prefix="named-after-reset")
-    again = subprocess.run(
-        stream_command(s, home, "--available-now", **flags), capture_output=True, text=True, timeout=600
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "starting a new checkpoint" in again.stderr and out_name in again.stderr
+    with caplog.at_level(logging.WARNING, logger="streamscore"):
+        assert run_stream(drain)["status"] == "FINISHED"
+    warned = [r.getMessage() for r in caplog.records if "starting a new checkpoint" in r.getMessage()]
+    assert warned and out_name in warned[0]
     rescored = spark.read.table(out_name).toPandas()
     assert len(rescored) == 2 * len(scored) + len(more.valid_ids)
     assert rescored["event_id"].value_counts().max() == 2

@@ -18,6 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from streamscore.demo import ensure_topic, produce_events, train_and_register
+from streamscore.streaming import run_stream
 from tests.helpers import run_until_failpoint, stream_command, wait_for
 
 pytestmark = pytest.mark.integration
@@ -80,9 +81,18 @@ def test_kills_at_random_moments_and_inside_a_batch_lose_and_duplicate_nothing(s
         if v2 is None:
             v2 = train_and_register(s.model.name, "v2", alias="champion")
 
-    final = subprocess.run(_command(s, home, "--available-now"), capture_output=True, text=True, timeout=600)
-    assert final.returncode == 0, final.stderr[-3000:]
-    summary = json.loads(final.stdout.strip().splitlines()[-1])
+    # the last run needs no fresh process (nothing kills it): in this one, on the tests' Spark session
+    drain = make_settings(
+        s.model.name,
+        source={"kafka": {"topic": k.topic, "max_offsets_per_trigger": 150}},
+        sink={
+            "output_path": s.output_path,
+            "dead_letter_path": s.dead_letter_path,
+            "checkpoint_path": s.checkpoint_path,
+        },
+        trigger={"available_now": True, "processing_time": "0.5 seconds"},
+    )
+    summary = run_stream(drain)
     assert summary["status"] == "FINISHED"
 
     out = spark.read.format("delta").load(s.output_path).select("event_id", "batch_id", "model_version").toPandas()

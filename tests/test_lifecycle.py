@@ -44,6 +44,8 @@ def test_a_failing_batch_closes_the_run_failed_with_its_summary(spark, make_sett
         run_stream(s)
     summary = info.value.summary
     assert summary["status"] == "FAILED" and "boom" in summary["error"]
+    # the batch's own error in one line, not Spark's wrapping of the Python traceback
+    assert summary["error"] == "StreamFailed: streaming query failed: RuntimeError: boom in the batch accounting"
     assert summary["query_id"] and summary["output_table"] == s.output_path
     client = MlflowClient(s.tracking.uri)
     assert client.get_run(summary["run_id"]).info.status == "FAILED"

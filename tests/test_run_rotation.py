@@ -64,7 +64,7 @@ def test_thousands_of_batches_stay_under_the_quota_across_linked_runs(services, 
     monkeypatch.delenv("DATABRICKS_CONFIG_PROFILE", raising=False)
     try:
         experiment = f"/Shared/rotation-{time.time_ns()}"
-        tracker = RunTracker("databricks", experiment, buffer_max_entries=100_000, metric_budget=budget)
+        tracker = RunTracker("databricks", _tracking(experiment, budget))
         first = tracker.start("stream", {"model": {"name": "fraud"}}, {"streamscore.job": "stream"})
         window = MetricsWindow(0, lambda m, step: tracker.log_metrics(m, step=step))
         for batch_id in range(3000):
@@ -101,7 +101,7 @@ def test_thousands_of_batches_stay_under_the_quota_across_linked_runs(services, 
         assert client.download_artifacts(chain[-1], "summary.json")
 
         # without rotation the workspace says no past its quota: what the budget avoids
-        plain = RunTracker("databricks", experiment, buffer_max_entries=100_000, metric_budget=10**9)
+        plain = RunTracker("databricks", _tracking(experiment, 10**9))
         plain.start("no-rotation", {}, {})
         for batch_id in range(700):
             plain.log_metrics(_batch(10, 0.2, 1), step=batch_id)
@@ -179,3 +179,11 @@ def test_a_stream_rotates_its_runs_under_a_quota_and_keeps_swaps_and_refusals(
     assert "streamscore.swap.1" in latest and f"streamscore.refused.v{bad}" in latest
     with open(client.download_artifacts(chain[-1], "summary.json")) as f:
         assert json.load(f)["rows_in"] == sent.sent
+
+
+def _tracking(experiment: str, budget: int):
+    from streamscore.conf.settings import TrackingSettings
+
+    return TrackingSettings(
+        experiment=experiment, buffer_max_entries=100_000, run_metric_budget=budget, rotate_after_h=None
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 
@@ -11,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from streamscore.demo import FEATURES, ensure_topic, produce_events, train_and_register
+from streamscore.errors import JobFailed
 from streamscore.streaming import run_stream
 
 pytestmark = pytest.mark.integration
@@ -305,6 +307,14 @@ def test_watch_disabled_means_no_swap(spark, make_settings):
     try:
         produce_events(k.bootstrap_servers, k.topic, 100, prefix="w1")
         wait_for(lambda: stream.processor.totals["rows_in"] >= 100, what="first events")
+        # a second job on the running stream's checkpoint stops at start, in one line naming the first
+        with pytest.raises(JobFailed) as second:
+            run_stream(s)
+        error = second.value.summary["error"]
+        assert (
+            f"the checkpoint {s.checkpoint_path} is in use by another job (streamscore test, pid {os.getpid()}" in error
+        )
+        assert stream.handle is not None and f"MLflow run {stream.handle.run_id}" in error and "\n" not in error
         v2 = train_and_register(s.model.name, "v2", alias=None)
         promote(s.model.name, v2, "champion")
         time.sleep(8)  # with watching on, v2 would be validated and waiting for the next batch by now

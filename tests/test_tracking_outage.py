@@ -75,13 +75,14 @@ def test_metrics_of_batches_during_an_outage_arrive_afterwards(spark, make_setti
 def test_a_full_buffer_drops_the_oldest_metrics_and_counts_them(caplog):
     import socket
 
+    from streamscore.conf.settings import TrackingSettings
     from streamscore.tracking import RunTracker
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    tracker = RunTracker(dead, "x", buffer_max_entries=10)
+    tracker = RunTracker(dead, TrackingSettings(experiment="x", buffer_max_entries=10))
     tracker.run_id = "run-on-a-dead-server"
     caplog.set_level(logging.WARNING, logger="streamscore")
     for step in range(8):

@@ -35,10 +35,13 @@ $(DEV_DEPS): pyproject.toml | $(UV)
 	$(UV) pip install -q --python $(BIN)/python -e '.[spark,azure,databricks,report,dev]'
 	touch $@ $(RUN_DEPS)
 
+# the Spark driver's class archive (infra/cds.py) is written in the background for the demo, and
+# waited for before the tests (each of their ~60 driver JVMs starts faster with it)
 setup: $(RUN_DEPS)  ## install the runtime into .venv and resolve the JVM jars once
 	$(BIN)/streamscore services jars >/dev/null
 
 setup-dev: $(DEV_DEPS) setup  ## also the Azure ML and Databricks extras and the test and lint tools
+	$(BIN)/streamscore services jars --wait >/dev/null
 
 demo: setup  ## start Kafka + MLflow, register the demo model, stream-score with a live model swap
 	$(BIN)/streamscore demo

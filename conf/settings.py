@@ -60,6 +60,7 @@ class SparkSettings(_Section):
     shuffle_partitions: int = Field(2, ge=1)
     conf: dict[str, str] = {}
     use_local_jars: bool = True
+    class_archive: bool = True
 
 
 class KafkaSource(_Section):

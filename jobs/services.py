@@ -3,7 +3,8 @@ catalog's metastore (table names).
 
 Ports follow the settings (``source.kafka.bootstrap_servers`` and ``tracking.uri``), state and logs
 live under ``<app.home>/services/``. ``jars`` resolves the JVM jars (Spark's Kafka connector, Delta,
-the Kafka broker) from Maven Central once into the local jar folder."""
+the Kafka broker) from Maven Central once into the local jar folder, and has the Spark driver's
+class archive written (:mod:`streamscore.infra.cds`; in the background unless ``--wait``)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
         choices=["kafka", "mlflow", "metastore", []],
         default=[],
         help="services to act on (default: all)",
+    )
+    p.add_argument(
+        "--wait", action="store_true", help="jars: wait for the class archive to be written (default: background)"
     )
     add_settings_args(p)
     return p
@@ -83,6 +87,11 @@ def _run(args: argparse.Namespace) -> Summary:
 
         spark_jars = jars.ensure_spark_jars(settings.home)
         kafka_dir = jars.ensure_kafka_jars(settings.home)
+        archive = "disabled"
+        if settings.spark.class_archive:
+            from streamscore.infra import cds
+
+            archive = cds.ensure_archive(spark_jars, wait=args.wait)
         return {
             "job": "services",
             "action": "jars",
@@ -90,6 +99,7 @@ def _run(args: argparse.Namespace) -> Summary:
             "spark_jars": len(spark_jars),
             "jar_folder": str(jars.jars_root()),
             "kafka_jars": len(list(kafka_dir.glob("*.jar"))),
+            "class_archive": archive,
         }
     services = [s for s in services_for(settings) if s.name in args.which or (not args.which and _default(s, settings))]
     results = _each(services, args.action)

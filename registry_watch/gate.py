@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +57,7 @@ class GateResult:
     spec: InputSpec  # the schema the version serves (the stream's, or its own at start)
     sample_rows: int
     seconds: float
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per step (download, load, score, ...)
 
 
 @dataclass(frozen=True)
@@ -128,19 +129,25 @@ class ValidationGate:
         :class:`GateRefused` naming the model, the reference and the version, or
         :class:`~streamscore.errors.RegistryError` when the reference does not resolve or the
         version cannot be downloaded (transient: not held against the version)."""
+        t0 = time.time()
         mv = resolved if resolved is not None else resolve_version(self.client, self.model_name, ref)
+        resolve_s = round(time.time() - t0, 3)
         try:
-            return self._check(mv, stream_spec)
+            result = self._check(mv, stream_spec)
+            result.phases = {"resolve": resolve_s, **result.phases}
+            return result
         except GateRefused as e:
             raise GateRefused(e.version, e.reason, self.model_name, str(ref)) from e.__cause__
 
     def _check(self, mv: ModelVersion, stream_spec: InputSpec | None) -> GateResult:
         t0 = time.time()
+        phases: dict[str, float] = {}
         version = str(mv.version)
         label = f"model {mv.name!r} version {version}"
         self._check_status(mv, label)
         self._check_policy(mv)
         handle = self._download(mv, label)
+        mark = _stopwatch(phases, "download", t0)
         # nothing of the version has run yet: its MLmodel file decides whether anything will
         if self.config.policy is not None:
             why = self.config.policy.check(handle.local_path)
@@ -169,9 +176,12 @@ class ValidationGate:
             raise GateRefused(version, str(e)) from None
         except Exception as e:
             raise GateRefused(version, f"its MLmodel file cannot be read: {type(e).__name__}: {e}") from e
+        mark("signature")
         model = self._load(handle, version)
+        mark("load")
         known = sparkml.known_values(model) if native else {}
         sample, origin = self._sample(_input_example(meta, handle.local_path), stream_spec or spec, known)
+        mark("sample")
         if native:
             assert self.spark is not None
             spec = replace(spec, outputs=sparkml.outputs(model, spec, self.spark))
@@ -189,8 +199,10 @@ class ValidationGate:
         handle = replace(handle, classes=classes, outputs=serving_spec.output_list)
         # the stream's first version: no batch runs yet, so every core scores the sample, which also
         # starts and warms each Python worker (imports, model load) before the first batch needs it
+        mark("outputs")
         self._score_sample(handle, serving_spec, sample, version, origin, all_cores=stream_spec is None)
-        return GateResult(handle, serving_spec, len(sample), time.time() - t0)
+        mark("score")
+        return GateResult(handle, serving_spec, len(sample), time.time() - t0, phases)
 
     @staticmethod
     def _check_status(mv: ModelVersion, label: str) -> None:
@@ -381,6 +393,21 @@ class ValidationGate:
             reasons = []  # rows the model declares it cannot take (see sparkml.guards); the rest scored
         if reasons:
             raise GateRefused(version, f"scoring the {n}-row sample failed ({origin}): {reasons[0]}")
+
+
+def _stopwatch(phases: dict[str, float], first: str, since: float) -> Callable[[str], None]:
+    """Records ``first`` (the time from ``since``), then each ``mark(name)`` as the time since the
+    previous mark, into ``phases``."""
+    last = time.time()
+    phases[first] = round(last - since, 3)
+
+    def mark(name: str) -> None:
+        nonlocal last
+        now = time.time()
+        phases[name] = round(now - last, 3)
+        last = now
+
+    return mark
 
 
 def own_outputs(model_dir: str, stream_spec: InputSpec) -> tuple[Output, ...] | None:

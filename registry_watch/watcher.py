@@ -225,6 +225,7 @@ class RegistryWatcher:
         self.clock = clock
         self.current: ModelHandle | None = None
         self.spec: InputSpec | None = None
+        self.start_phases: dict[str, float] = {}  # the start version's gate steps, seconds
         self.swaps: list[SwapEvent] = []
         self.refusals: list[Refusal] = []
         self._refused_at: dict[str, float] = {}
@@ -259,6 +260,7 @@ class RegistryWatcher:
         overrides the watched reference for this start only (a restart keeping the ledger's version)."""
         result = self.gate.admit(ref or self.ref, None)
         self.current, self.spec = result.handle, result.spec
+        self.start_phases = result.phases
         self._last_poll = self.clock()
         log.info("serving %s (%s)", self.current.label, ref or self.ref)
         return self.current

@@ -100,6 +100,7 @@ class BatchProcessor:
         self.batch_log: list[dict[str, Any]] = []
         self.halt = threading.Event()  # set by the StopController: no new batch starts
         self.halted_before: int | None = None
+        self.tables_s: float | None = None  # the start's ensure_tables, seconds
         self.query_started_at: float | None = None
         self.first_batch_done_at: float | None = None
         self._classes_recorded: set[str] = set()
@@ -108,12 +109,14 @@ class BatchProcessor:
         spec = self.watcher.spec
         assert spec is not None, "the watcher must be started first"
         serving = self.watcher.serving.label
+        t0 = time.time()
         for table, columns in (
             (self.sinks.scored.table, schema.with_label(schema.output_schema(spec), self.label_col, spec)),
             (self.sinks.dead_letter.table, schema.DEAD_LETTER),
         ):
             sio.ensure_delta_table(self.spark, table, columns, serving, self.creation)
         self.record_classes(self.watcher.serving)
+        self.tables_s = round(time.time() - t0, 3)
         if self.warmer is not None:
             self.warmer.request()
 

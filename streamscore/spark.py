@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# options added to those of a driver JVM started here (infrastructure, not a setting: the test
+# suite's short-lived JVMs compile with C1 only, ``-XX:TieredStopAtLevel=1``)
+DRIVER_JAVA_OPTIONS = "STREAMSCORE_DRIVER_JAVA_OPTIONS"
+
 
 def spark_conf(settings: Settings) -> dict[str, str]:
     sp = settings.spark
@@ -41,6 +45,14 @@ def spark_conf(settings: Settings) -> dict[str, str]:
         conf["spark.jars"] = ",".join(ensure_spark_jars(settings.home))
     conf.update(catalog_conf(settings))
     conf.update(sp.conf)
+    key = "spark.driver.extraJavaOptions"
+    if sp.master and os.environ.get(DRIVER_JAVA_OPTIONS):  # a driver JVM this process launches
+        conf[key] = f"{conf.get(key, '')} {os.environ[DRIVER_JAVA_OPTIONS]}".strip()
+    if sp.class_archive and sp.master:
+        from streamscore.infra import cds
+
+        jars = [j for j in conf.get("spark.jars", "").split(",") if j]
+        conf[key] = cds.java_options(jars, conf.get(key, ""))
     return conf
 
 
@@ -65,14 +77,18 @@ def catalog_conf(settings: Settings) -> dict[str, str]:
     return conf
 
 
-def build_spark(settings: Settings) -> SparkSession:
+def build_spark(settings: Settings, driver_java_options: str | None = None) -> SparkSession:
+    """``driver_java_options`` replaces the driver JVM's options (the class archive's writer)."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     sp = settings.spark
     builder = SparkSession.builder.appName(sp.app_name)
     if sp.master:
         builder = builder.master(sp.master)
-    for k, v in spark_conf(settings).items():
+    conf = spark_conf(settings)
+    if driver_java_options is not None:
+        conf["spark.driver.extraJavaOptions"] = driver_java_options
+    for k, v in conf.items():
         builder = builder.config(k, v)
     with redirect_fds_to_log(), hidden_from_children():
         spark = builder.getOrCreate()

@@ -264,6 +264,9 @@ class ScoringStream:
         )
         with ctx.phase("model"):  # resolve, download, policy, gate (warms the Python workers), tables
             self.serving = start_serving(self.watcher, self.processor)
+        ctx.phases.update({f"model.{k}": v for k, v in self.watcher.start_phases.items()})
+        if self.processor.tables_s is not None:
+            ctx.phases["model.tables"] = self.processor.tables_s
         self.run_id = ctx.start_run(
             run_params(settings),
             {"streamscore.model_name": self.serving.name, "streamscore.initial_model_version": self.serving.version},

@@ -104,7 +104,7 @@ def ensure_archive(spark_jars: list[str], wait: bool = False, timeout_s: float =
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSCORE_") or k == "STREAMSCORE_JARS_DIR"}
     env.pop("PYSPARK_SUBMIT_ARGS", None)
     log_file = folder / f"spark-driver-{key}.log"
-    with open(log_file, "w") as out:
+    with open(log_file, "a") as out:  # a writer already at work keeps its lines
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamscore.infra.cds", key],
             stdout=out,

@@ -139,6 +139,25 @@ class ValidationGate:
         except GateRefused as e:
             raise GateRefused(e.version, e.reason, self.model_name, str(ref)) from e.__cause__
 
+    def prepare(self, ref: ModelRef) -> None:
+        """The steps of a start that need no Spark, done ahead (while the SparkContext starts): the
+        version resolved, downloaded and, when its ``MLmodel`` passes the loading policy, loaded
+        into this process's model cache, where :meth:`admit` then finds it. Whatever goes wrong is
+        left for :meth:`admit` to meet again and report."""
+        try:
+            mv = resolve_version(self.client, self.model_name, ref)
+            label = f"model {mv.name!r} version {mv.version}"
+            self._check_status(mv, label)
+            self._check_policy(mv)
+            handle = self._download(mv, label)
+            if handle.flavor == "spark" or (
+                self.config.policy is not None and self.config.policy.check(handle.local_path)
+            ):
+                return  # a Spark ML version loads with the session; a refused one never loads
+            load_model(handle)
+        except Exception as e:  # noqa: BLE001 - the gate meets it again
+            log.debug("preparing %s ahead stopped (%s: %s); the gate does it", ref, type(e).__name__, e)
+
     def _check(self, mv: ModelVersion, stream_spec: InputSpec | None) -> GateResult:
         t0 = time.time()
         phases: dict[str, float] = {}

@@ -6,7 +6,9 @@ ask the job to stop after its current batch (a second signal interrupts at once)
 calls :meth:`JobContext.start_run`, registers what must be closed (:meth:`JobContext.on_close`) and
 what its summary says (:meth:`JobContext.describe`).
 
-A ``preflight`` check (the stream's: broker, topic, tracking server) runs before Spark starts.
+A ``preflight`` check (the stream's: broker, topic, tracking server) runs before Spark starts;
+``while_spark_starts`` work (the stream's: its start version downloaded and loaded) runs while the
+SparkContext starts in a thread of its own.
 
 On the way out, whatever the exit path: resources are closed (last registered first), the status
 is decided (FINISHED, KILLED when a stop was requested or the job was interrupted, FAILED on an
@@ -56,13 +58,17 @@ class JobContext:
         handle_signals: bool = True,
         preflight: Callable[[Settings], None] | None = None,
         checkpoint: str | None = None,
+        while_spark_starts: Callable[[JobContext], None] | None = None,
     ):
         """``checkpoint``: the stream's, claimed before anything starts (one job per checkpoint,
-        :mod:`streamscore.checkpoint`)."""
+        :mod:`streamscore.checkpoint`). ``while_spark_starts(ctx)``: work that needs no Spark,
+        done while the SparkContext starts (``ctx.client`` is there; its errors are the caller's
+        to handle: an exception fails the job)."""
         self.job = job
         self.checkpoint = checkpoint
         self.claim: CheckpointClaim | None = None
         self.preflight = preflight
+        self.while_spark_starts = while_spark_starts
         self.settings = settings
         self.handle_signals = handle_signals
         self.stop_requested = threading.Event()
@@ -86,7 +92,7 @@ class JobContext:
     def _open(self) -> None:
         from mlflow import MlflowClient
 
-        from streamscore.spark import build_spark
+        from streamscore.spark import SparkStart
         from streamscore.tracking import configure_mlflow, make_tracker
 
         if self.checkpoint is not None:
@@ -98,9 +104,13 @@ class JobContext:
         if self.preflight is not None:
             with self.phase("preflight"):
                 self.preflight(self.settings)
-        with self.phase("spark"):
-            self.spark = build_spark(self.settings)
         self.client = MlflowClient(self.tracking_uri, self.registry_uri)
+        with self.phase("spark"):  # launch to ready, the work done meanwhile included
+            starting = SparkStart(self.settings)
+            if self.while_spark_starts is not None:
+                with self.phase("while_spark_starts"):
+                    self.while_spark_starts(self)
+            self.spark = starting.session()
         self.tracker = make_tracker(self.settings, self.tracking_uri)
         if self.handle_signals:
             self._install_signal_handlers()

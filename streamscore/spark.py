@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 from pyspark.sql import SparkSession
@@ -79,18 +80,62 @@ def catalog_conf(settings: Settings) -> dict[str, str]:
 
 def build_spark(settings: Settings, driver_java_options: str | None = None) -> SparkSession:
     """``driver_java_options`` replaces the driver JVM's options (the class archive's writer)."""
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    sp = settings.spark
-    builder = SparkSession.builder.appName(sp.app_name)
-    if sp.master:
-        builder = builder.master(sp.master)
-    conf = spark_conf(settings)
-    if driver_java_options is not None:
-        conf["spark.driver.extraJavaOptions"] = driver_java_options
-    for k, v in conf.items():
-        builder = builder.config(k, v)
-    with redirect_fds_to_log(), hidden_from_children():
-        spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel("WARN")
-    return spark
+    return SparkStart(settings, driver_java_options).session()
+
+
+class SparkStart:
+    """A SparkSession on its way: construction launches the driver JVM (here, at once: its output
+    goes to the log file and it inherits no credential variable, both of which concern this whole
+    process for that moment), then the JVM-side start (the SparkContext: about 2 s here) runs in a
+    thread, so the caller can do work of its own meanwhile (the stream downloads and loads its
+    model). :meth:`session` waits for it. A process whose JVM already runs (a second session after
+    a stop, the tests' session) gets its session at once, in the caller's thread."""
+
+    def __init__(self, settings: Settings, driver_java_options: str | None = None):
+        from pyspark import SparkConf, SparkContext
+        from pyspark.java_gateway import launch_gateway
+
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+        sp = settings.spark
+        builder = SparkSession.builder.appName(sp.app_name)
+        if sp.master:
+            builder = builder.master(sp.master)
+        conf = spark_conf(settings)
+        if driver_java_options is not None:
+            conf["spark.driver.extraJavaOptions"] = driver_java_options
+        for k, v in conf.items():
+            builder = builder.config(k, v)
+        self._builder = builder
+        self._session: SparkSession | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if SparkContext._gateway is not None:
+            self._session = self._create()
+            return
+        launch_conf = SparkConf(loadDefaults=False)
+        for k, v in builder._options.items():  # what SparkContext would launch the JVM with
+            launch_conf.set(k, v)
+        with redirect_fds_to_log(), hidden_from_children():
+            SparkContext._ensure_initialized(gateway=launch_gateway(launch_conf))
+        self._thread = threading.Thread(target=self._run, name="streamscore-spark-start", daemon=True)
+        self._thread.start()
+
+    def _create(self) -> SparkSession:
+        spark = self._builder.getOrCreate()
+        spark.sparkContext.setLogLevel("WARN")
+        return spark
+
+    def _run(self) -> None:
+        try:
+            self._session = self._create()
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread by session()
+            self._error = e
+
+    def session(self) -> SparkSession:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._session is not None
+        return self._session

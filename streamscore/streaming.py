@@ -224,9 +224,21 @@ def run_stream(
     :class:`~streamscore.errors.JobFailed`, which carries it, when the job fails)."""
     from streamscore.preflight import check_stream_services
 
-    with JobContext(job, settings, preflight=check_stream_services, checkpoint=settings.checkpoint_path) as ctx:
+    with JobContext(
+        job,
+        settings,
+        preflight=check_stream_services,
+        checkpoint=settings.checkpoint_path,
+        while_spark_starts=prepare_start_version,
+    ) as ctx:
         ScoringStream(ctx, should_stop).run(on_ready)
     return ctx.summary
+
+
+def prepare_start_version(ctx: JobContext) -> None:
+    """While Spark starts: the watched version downloaded and loaded on the driver, ahead of the gate."""
+    settings = ctx.settings
+    ValidationGate(ctx.client, GateConfig.from_settings(settings)).prepare(ModelRef.parse(settings.model.ref))
 
 
 class ScoringStream:

@@ -461,6 +461,11 @@ class DatabricksWorkspace(_MlflowFront):
         if m and h.command == "PUT":  # run artifacts go through the Files API
             self._store(h, f"{m[1]}/{m[2]}/artifacts/{unquote(m[3])}", body)
             return True
+        if path == "/api/2.0/fs/endpoints" and h.command == "GET":
+            # the SDK's transfer-endpoint discovery (databricks-sdk 0.167+): this workspace has none
+            # to offer, and the SDK falls back to its built-in order (presigned URLs, then Files API)
+            reply(h, 404, {"error_code": "ENDPOINT_NOT_FOUND", "message": "endpoint discovery is not enabled"})
+            return True
         if path == "/api/2.0/fs/create-download-url" and h.command == "POST":  # the SDK's download offload
             target = parse_qs(urlsplit(h.path).query).get("path", [""])[0]
             url = f"{self.url}/signed{quote(target)}?sig={self._sig}"

@@ -197,7 +197,13 @@ def test_a_databricks_workspace_gets_the_job_run_through_the_real_client(
     model_files = ("/api/2.0/fs/files/Models/main/ml/", "/signed/Models/main/ml/")
     assert any(c.path.startswith(model_files) for c in ws.calls)  # the model's files
     assert summary["model_name"] == uc_name and summary["model_version"] == "1"
-    fs = ("/api/2.0/fs/files/", "/api/2.0/fs/directories/", "/api/2.0/fs/create-download-url", "/signed/Models/")
+    fs = (
+        "/api/2.0/fs/files/",
+        "/api/2.0/fs/directories/",
+        "/api/2.0/fs/create-download-url",
+        "/api/2.0/fs/endpoints",
+        "/signed/Models/",
+    )
     prefixes = ("/api/2.0/mlflow/", *fs, "/.well-known/")
     served = [c for c in ws.calls if c.path.startswith(prefixes)]
     assert served == ws.calls, [c.path for c in ws.calls if c not in served]

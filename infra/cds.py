@@ -68,12 +68,16 @@ def archive_dir() -> Path:
     return jars_root().parent / "cds"
 
 
+def archive_path(key: str) -> Path:
+    return archive_dir() / f"spark-driver-{key}.jsa"
+
+
 def archive_for(spark_jars: list[str]) -> Path | None:
     """The archive for this JVM and jar set, when one was written."""
     key = archive_key(spark_jars)
     if key is None:
         return None
-    path = archive_dir() / f"spark-driver-{key}.jsa"
+    path = archive_path(key)
     return path if path.is_file() else None
 
 
@@ -98,7 +102,7 @@ def ensure_archive(spark_jars: list[str], wait: bool = False, timeout_s: float =
         log.warning("no java found: no class archive written")
         return "unavailable"
     folder = archive_dir()
-    if (folder / f"spark-driver-{key}.jsa").is_file():
+    if archive_path(key).is_file():
         return "present"
     folder.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSCORE_") or k == "STREAMSCORE_JARS_DIR"}
@@ -120,7 +124,7 @@ def ensure_archive(spark_jars: list[str], wait: bool = False, timeout_s: float =
     except subprocess.TimeoutExpired:
         proc.kill()
         code = -1
-    return "written" if code == 0 and (folder / f"spark-driver-{key}.jsa").is_file() else "unavailable"
+    return "written" if code == 0 and archive_path(key).is_file() else "unavailable"
 
 
 def _write(key: str) -> int:
@@ -136,7 +140,7 @@ def _write(key: str) -> int:
     except OSError:
         print("another process is writing this archive: waiting for it")
         fcntl.flock(lock, fcntl.LOCK_EX)
-    final = folder / f"spark-driver-{key}.jsa"
+    final = archive_path(key)
     if final.is_file():
         return 0
     partial = folder / f".spark-driver-{key}-{os.getpid()}.jsa"

@@ -146,16 +146,10 @@ class ValidationGate:
         left for :meth:`admit` to meet again and report."""
         try:
             mv = resolve_version(self.client, self.model_name, ref)
-            label = f"model {mv.name!r} version {mv.version}"
-            self._check_status(mv, label)
-            self._check_policy(mv)
-            handle = self._download(mv, label)
-            if handle.flavor == "spark" or (
-                self.config.policy is not None and self.config.policy.check(handle.local_path)
-            ):
-                return  # a Spark ML version loads with the session; a refused one never loads
-            load_model(handle)
-        except Exception as e:  # noqa: BLE001 - the gate meets it again
+            handle = self._fetch(mv, f"model {mv.name!r} version {mv.version}")
+            if handle.flavor != "spark":  # a Spark ML version loads with the session
+                load_model(handle)
+        except Exception as e:  # noqa: BLE001 - the gate meets it again (a refusal included)
             log.debug("preparing %s ahead stopped (%s: %s); the gate does it", ref, type(e).__name__, e)
 
     def _check(self, mv: ModelVersion, stream_spec: InputSpec | None) -> GateResult:
@@ -163,15 +157,8 @@ class ValidationGate:
         phases: dict[str, float] = {}
         version = str(mv.version)
         label = f"model {mv.name!r} version {version}"
-        self._check_status(mv, label)
-        self._check_policy(mv)
-        handle = self._download(mv, label)
+        handle = self._fetch(mv, label)
         mark = _stopwatch(phases, "download", t0)
-        # nothing of the version has run yet: its MLmodel file decides whether anything will
-        if self.config.policy is not None:
-            why = self.config.policy.check(handle.local_path)
-            if why:
-                raise GateRefused(version, f"loading policy: {why}")
         native = handle.flavor == "spark"
         try:
             from mlflow.models import Model
@@ -222,6 +209,19 @@ class ValidationGate:
         self._score_sample(handle, serving_spec, sample, version, origin, all_cores=stream_spec is None)
         mark("score")
         return GateResult(handle, serving_spec, len(sample), time.time() - t0, phases)
+
+    def _fetch(self, mv: ModelVersion, label: str) -> ModelHandle:
+        """The version's files, once it is READY, carries any required tag and its ``MLmodel``
+        passes the loading policy: nothing of the version has run yet, and its MLmodel file
+        decides whether anything will."""
+        self._check_status(mv, label)
+        self._check_policy(mv)
+        handle = self._download(mv, label)
+        if self.config.policy is not None:
+            why = self.config.policy.check(handle.local_path)
+            if why:
+                raise GateRefused(str(mv.version), f"loading policy: {why}")
+        return handle
 
     @staticmethod
     def _check_status(mv: ModelVersion, label: str) -> None:

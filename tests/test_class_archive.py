@@ -40,7 +40,7 @@ def test_the_archive_is_keyed_by_the_jvm_and_the_jar_set(archive_home):
 def test_a_start_maps_the_archive_only_when_there_is_one_and_the_options_leave_sharing_alone(archive_home):
     jars = [_jar(archive_home, "a.jar", 10)]
     assert cds.java_options(jars, "-Dx=1") == "-Dx=1"  # none written yet: as before
-    path = cds.archive_dir() / f"spark-driver-{cds.archive_key(jars)}.jsa"
+    path = cds.archive_path(cds.archive_key(jars))
     path.parent.mkdir(parents=True)
     path.write_bytes(b"archive")
     assert cds.java_options(jars, "-Dx=1") == f"-Dx=1 -XX:SharedArchiveFile={path}"
@@ -54,7 +54,7 @@ def test_the_settings_and_the_infrastructure_variable_decide_the_driver_options(
         settings = load_settings("local", overrides={"spark": {"use_local_jars": False, **spark}})
         return spark_conf(settings)["spark.driver.extraJavaOptions"]
 
-    path = cds.archive_dir() / f"spark-driver-{cds.archive_key([])}.jsa"
+    path = cds.archive_path(cds.archive_key([]))
     path.parent.mkdir(parents=True)
     path.write_bytes(b"archive")
     assert options() == f"-Dlog4j2.level=WARN -XX:SharedArchiveFile={path}"

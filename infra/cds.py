@@ -47,6 +47,11 @@ def _java() -> Path | None:
     return java.resolve() if java is not None else None
 
 
+def _file_id(path: Path) -> list[str | int]:
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
 def archive_key(spark_jars: list[str]) -> str | None:
     """What the archive depends on, hashed; None when there is no ``java`` to key it by."""
     import pyspark
@@ -55,10 +60,12 @@ def archive_key(spark_jars: list[str]) -> str | None:
     if java is None:
         return None
     pyspark_jars = Path(pyspark.__file__).parent / "jars"
+    # the JVM checks each class path jar's size and modification time against the archive's record
+    # (a reinstalled pyspark at the same path has new times: the archive would be rejected)
     parts = {
-        "java": [str(java), java.stat().st_size, int(java.stat().st_mtime)],
-        "pyspark": [pyspark.__version__, str(pyspark_jars), sorted(p.name for p in pyspark_jars.glob("*.jar"))],
-        "jars": [[j, Path(j).stat().st_size] for j in spark_jars if Path(j).exists()],
+        "java": _file_id(java),
+        "pyspark": [pyspark.__version__, str(pyspark_jars), sorted(_file_id(p) for p in pyspark_jars.glob("*.jar"))],
+        "jars": [_file_id(Path(j)) for j in spark_jars if Path(j).exists()],
         "python": sys.version_info[:2],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

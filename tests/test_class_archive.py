@@ -3,6 +3,7 @@ that the tests' own session JVM maps the archive ``make test`` has written."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -35,6 +36,9 @@ def test_the_archive_is_keyed_by_the_jvm_and_the_jar_set(archive_home):
     assert cds.archive_key(jars[:1]) != key  # a jar less
     _jar(archive_home, "b.jar", 21)
     assert cds.archive_key(jars) != key  # a jar replaced by another build
+    key = cds.archive_key(jars)
+    os.utime(jars[1], ns=(1, 10**18))
+    assert cds.archive_key(jars) != key  # the same jar written again (a reinstall): the JVM would reject the archive
 
 
 def test_a_start_maps_the_archive_only_when_there_is_one_and_the_options_leave_sharing_alone(archive_home):

@@ -90,8 +90,10 @@ def _run(args: argparse.Namespace) -> Summary:
         archive = "disabled"
         if settings.spark.class_archive:
             from streamscore.infra import cds
+            from streamscore.spark import class_path_jars, spark_conf
 
-            archive = cds.ensure_archive(spark_jars, wait=args.wait)
+            # keyed by the class path of a local driver JVM (the jars above, infra/localfs.py's)
+            archive = cds.ensure_archive(class_path_jars(spark_conf(settings)), wait=args.wait)
         return {
             "job": "services",
             "action": "jars",

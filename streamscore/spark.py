@@ -45,16 +45,33 @@ def spark_conf(settings: Settings) -> dict[str, str]:
 
         conf["spark.jars"] = ",".join(ensure_spark_jars(settings.home))
     conf.update(catalog_conf(settings))
+    launched: dict[str, str] = {}  # for a driver JVM this process launches
+    if sp.master:
+        from streamscore.infra import localfs
+
+        # Python workers forked from a daemon that has imported MLflow once (scoring/daemon.py)
+        launched["spark.python.daemon.module"] = "streamscore.scoring.daemon"
+        launched.update(localfs.spark_conf(sp.master))  # no process per file operation (infra/localfs.py)
+    conf.update(launched)
     conf.update(sp.conf)
+    cp = "spark.driver.extraClassPath"
+    if cp in launched and conf[cp] != launched[cp]:  # the settings' class path, and the classes named above
+        conf[cp] = f"{conf[cp]}{os.pathsep}{launched[cp]}"
     key = "spark.driver.extraJavaOptions"
     if sp.master and os.environ.get(DRIVER_JAVA_OPTIONS):  # a driver JVM this process launches
         conf[key] = f"{conf.get(key, '')} {os.environ[DRIVER_JAVA_OPTIONS]}".strip()
     if sp.class_archive and sp.master:
         from streamscore.infra import cds
 
-        jars = [j for j in conf.get("spark.jars", "").split(",") if j]
-        conf[key] = cds.java_options(jars, conf.get(key, ""))
+        conf[key] = cds.java_options(class_path_jars(conf), conf.get(key, ""))
     return conf
+
+
+def class_path_jars(conf: dict[str, str]) -> list[str]:
+    """The jars a driver JVM launched with ``conf`` has on its class path besides pyspark's own
+    (what its class archive is keyed by)."""
+    jars = [j for j in conf.get("spark.jars", "").split(",") if j]
+    return jars + [j for j in conf.get("spark.driver.extraClassPath", "").split(os.pathsep) if j]
 
 
 def catalog_conf(settings: Settings) -> dict[str, str]:

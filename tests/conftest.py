@@ -48,14 +48,26 @@ SERVICE_FIXTURES = {"services", "tracking", "spark", "make_settings"}
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Two tiers, by what a test needs: ``unit`` (no services, no Spark session) runs first, in
     seconds; then ``integration``, which shares the session's broker, MLflow server, metastore and
-    SparkSession (started by the first test that asks for them)."""
+    SparkSession (started by the first test that asks for them). Under pytest-xdist each worker
+    has its own services and session, and the order is longest first (see _distributed_order)."""
     for item in items:
         needs = SERVICE_FIXTURES & set(getattr(item, "fixturenames", ()))
         if needs and item.get_closest_marker("integration") is None:
             item.add_marker(pytest.mark.integration)
         if item.get_closest_marker("integration") is None:
             item.add_marker(pytest.mark.unit)
-    items.sort(key=lambda item: item.get_closest_marker("integration") is not None)  # stable: file order kept
+    if hasattr(config, "workerinput"):  # one of pytest-xdist's workers (the same order in each)
+        items.sort(key=_distributed_order)
+    else:
+        items.sort(key=lambda item: item.get_closest_marker("integration") is not None)  # stable: file order kept
+
+
+def _distributed_order(item: pytest.Item) -> int:
+    """Run in parallel (``-n``, the default in pyproject.toml), the longest tests go out first and
+    the unit tier last: the workers finish together instead of one waiting on a late long test."""
+    if item.get_closest_marker("heavy") is not None:
+        return 0
+    return 1 if item.get_closest_marker("integration") is not None else 2
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

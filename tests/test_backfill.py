@@ -49,6 +49,7 @@ def _slice(spark, path, bf_id) -> pd.DataFrame:
     return spark.read.format("delta").load(path).where(f"backfill_id = '{bf_id}'").toPandas()
 
 
+@pytest.mark.heavy
 def test_delta_range_rerun_and_second_version(spark, make_settings, events_table, tmp_path):
     path, src = events_table
     s = make_settings()
@@ -213,6 +214,7 @@ def test_regression_comparison_matches_an_independent_computation(spark, make_se
     assert cmp["mean_shift"] == pytest.approx(float(np.mean(p2) - np.mean(p1)))
 
 
+@pytest.mark.heavy
 def test_the_command_line_path_with_a_named_slice(spark, make_settings, events_table, tmp_path):
     import subprocess
     import sys

@@ -23,6 +23,7 @@ def own_broker(home):
     broker.stop()
 
 
+@pytest.mark.heavy
 def test_a_broker_outage_mid_stream_loses_and_duplicates_nothing(spark, make_settings, own_broker):
     s = make_settings(source={"kafka": {"bootstrap_servers": own_broker.address}})
     train_and_register(s.model.name, "v1", alias="champion")

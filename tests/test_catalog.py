@@ -66,6 +66,7 @@ def _tables(out_name: str, dead_name: str) -> dict[str, str | None]:
     return {"output_table": out_name, "dead_letter_table": dead_name, "output_path": None, "dead_letter_path": None}
 
 
+@pytest.mark.heavy
 @pytest.mark.integration
 def test_stream_to_named_tables_kill_inside_a_batch_then_checkpoint_reset(spark, make_settings, tmp_path, caplog):
     db = _schema_name()  # not created beforehand: the job creates it (catalog.create_schemas)

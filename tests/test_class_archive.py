@@ -12,7 +12,7 @@ import pytest
 
 from streamscore.conf.settings import load_settings
 from streamscore.infra import cds
-from streamscore.spark import spark_conf
+from streamscore.spark import class_path_jars, spark_conf
 
 
 @pytest.fixture
@@ -58,7 +58,9 @@ def test_the_settings_and_the_infrastructure_variable_decide_the_driver_options(
         settings = load_settings("local", overrides={"spark": {"use_local_jars": False, **spark}})
         return spark_conf(settings)["spark.driver.extraJavaOptions"]
 
-    path = cds.archive_path(cds.archive_key([]))
+    # keyed by the driver's class path: no spark.jars here, the local file system classes' jar
+    launched = spark_conf(load_settings("local", overrides={"spark": {"use_local_jars": False}}))
+    path = cds.archive_path(cds.archive_key(class_path_jars(launched)))
     path.parent.mkdir(parents=True)
     path.write_bytes(b"archive")
     assert options() == f"-Dlog4j2.level=WARN -XX:SharedArchiveFile={path}"

@@ -56,6 +56,7 @@ def test_produce_and_model_commands(services, tracking, tmp_path):
     )
 
 
+@pytest.mark.heavy
 def test_bench_smoke_runs_every_scenario_on_the_real_services(services, tracking, tmp_path):
     """``bench --quick``: every scenario end to end at tiny sizes (its figures are not checked
     against targets here: timing belongs to the benchmark, not the tests), its accounting is."""
@@ -88,6 +89,7 @@ def test_bench_smoke_runs_every_scenario_on_the_real_services(services, tracking
     assert "| figure | measured | note |" in (out / "results.md").read_text()
 
 
+@pytest.mark.heavy
 def test_demo_end_to_end_on_its_own_services(tmp_path):
     kafka_port, mlflow_port = free_ports(2)
     ports = [

@@ -51,6 +51,7 @@ def _kill_at(s, home, log: Path, point: str) -> None:
     run_until_failpoint(_command(s, home), log, f"{point}@2")
 
 
+@pytest.mark.heavy
 def test_kills_at_random_moments_and_inside_a_batch_lose_and_duplicate_nothing(spark, make_settings, tmp_path):
     s = make_settings()
     v1 = train_and_register(s.model.name, "v1", alias="champion")

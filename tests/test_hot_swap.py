@@ -43,6 +43,7 @@ class Producer(threading.Thread):
         assert self.error is None, self.error
 
 
+@pytest.mark.heavy
 def test_swap_refuse_and_rollback_without_restarting_the_query(spark, make_settings):
     s = make_settings()
     name = s.model.name

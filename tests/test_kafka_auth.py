@@ -67,6 +67,7 @@ def test_the_stream_logs_in_with_a_password_that_needs_quoting(spark, make_setti
     assert PASSWORD not in info.value.summary["error"]
 
 
+@pytest.mark.heavy
 def test_no_secret_appears_in_anything_a_run_leaves(make_settings, sasl_broker, tmp_path):
     """A real job (the command, in its own process) with every kind of secret configured, from the
     environment and from files: the console, the log files, the tables and checkpoint, and both

@@ -66,6 +66,7 @@ def test_a_refused_initial_version_fails_naming_model_and_version(spark, make_se
     assert "this model version is broken" in error
 
 
+@pytest.mark.heavy
 def test_sigterm_stops_a_stream_running_on_a_cluster_after_its_batch(spark, make_settings, tmp_path):
     """The job in a subprocess on ``local-cluster[2,1,1024]`` (a master, two workers, executors in
     JVMs of their own: the connector and Delta jars and the model reach them through ``spark.jars``
@@ -111,6 +112,7 @@ def test_sigterm_stops_a_stream_running_on_a_cluster_after_its_batch(spark, make
     assert (model.predict(out[FEATURES]) == out["prediction"].to_numpy()).all()
 
 
+@pytest.mark.heavy
 def test_ctrl_c_under_sustained_load_stops_promptly_and_loses_nothing(spark, make_settings, tmp_path):
     """Ctrl-C in the job's terminal: SIGINT to its whole process group (the driver, the JVM and the
     Python workers scoring a batch), while batches run back to back (events keep coming, 0.5 s

@@ -231,6 +231,7 @@ def _assert_own_transform(spark, name: str, out: pd.DataFrame) -> None:
         assert np.array_equal(np.stack(truth["probability"].to_numpy()), np.stack(rows["probabilities"].to_numpy()))
 
 
+@pytest.mark.heavy
 def test_spark_ml_pipelines_stream_natively_and_swap_under_load(spark, make_settings):
     s = make_settings()
     name = s.model.name
@@ -265,6 +266,7 @@ def test_spark_ml_pipelines_stream_natively_and_swap_under_load(spark, make_sett
         assert labels is not None and sorted(labels) == sorted(SPECIES)
 
 
+@pytest.mark.heavy
 def test_a_spark_ml_version_on_a_cluster(spark, make_settings, tmp_path):
     """``local-cluster[2,1,1024]``: executors in JVMs of their own apply the pipeline the driver
     loaded; every row is its version's own ``transform``."""

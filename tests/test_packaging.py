@@ -16,6 +16,9 @@ import pytest
 
 from streamscore.infra.jars import jars_root
 
+# its module fixtures (a wheel, a clean venv) are built once, on one worker
+pytestmark = pytest.mark.xdist_group("packaging")
+
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("jobs", "scoring", "registry_watch", "conf", "infra")
 
@@ -120,6 +123,7 @@ def test_nothing_imports_the_folders_by_their_bare_names():
     assert offenders == []
 
 
+@pytest.mark.heavy
 @pytest.mark.integration
 def test_the_exact_command_line_of_a_databricks_job_scores_rows_from_the_clean_venv(
     installed, wheel, make_settings, capsys, tmp_path

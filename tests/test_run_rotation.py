@@ -111,6 +111,7 @@ def test_thousands_of_batches_stay_under_the_quota_across_linked_runs(services, 
         ws.stop()
 
 
+@pytest.mark.heavy
 @pytest.mark.integration
 def test_a_stream_rotates_its_runs_under_a_quota_and_keeps_swaps_and_refusals(
     spark, make_settings, services, monkeypatch

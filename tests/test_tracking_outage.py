@@ -38,6 +38,7 @@ def own_mlflow(home, tracking):
         server.stop()
 
 
+@pytest.mark.heavy
 def test_metrics_of_batches_during_an_outage_arrive_afterwards(spark, make_settings, own_mlflow, caplog):
     s = make_settings(tracking={"uri": own_mlflow.address})
     train_and_register(s.model.name, "v1", alias="champion")
@@ -93,6 +94,7 @@ def test_a_full_buffer_drops_the_oldest_metrics_and_counts_them(caplog):
     assert sum("tracking server unreachable" in r.getMessage() for r in caplog.records) == 1
 
 
+@pytest.mark.heavy
 def test_a_tracking_server_that_never_answers_does_not_slow_the_batches(spark, make_settings, services):
     """Tracking and registry both go through a proxy that stops answering mid-stream: Spark's own
     progress reports show every later ``foreachBatch`` call short (a call waiting on the server

@@ -32,6 +32,7 @@ def second_mlflow(home):
 
 
 @pytest.mark.integration
+@pytest.mark.xdist_group("second-mlflow")  # one mirror server for both
 def test_mirror_gets_the_same_params_and_metrics(spark, make_settings, second_mlflow):
     s = make_settings(
         trigger={"available_now": True},
@@ -254,6 +255,7 @@ def test_the_unity_catalog_emulator_answers_aliases_only(services, tracking, mon
 
 
 @pytest.mark.integration
+@pytest.mark.xdist_group("second-mlflow")  # one mirror server for both
 def test_each_target_gets_its_own_token_and_nothing_process_wide_holds_either(spark, make_settings, second_mlflow):
     """Both targets are real MLflow servers behind recording proxies; the model is resolved and
     downloaded through the primary's proxy too."""

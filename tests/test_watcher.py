@@ -116,6 +116,7 @@ def test_a_torn_ledger_line_is_cut_and_the_ledger_goes_on(tmp_path):
     assert [again.get(i)["version"] for i in range(3)] == ["1", "1", "2"]
 
 
+@pytest.mark.heavy
 @pytest.mark.integration
 def test_a_candidate_whose_predict_hangs_is_refused_within_the_time_limit(make_settings, watcher):
     from tests.helpers import register_hanging

@@ -226,6 +226,7 @@ class Bench:
         self.model = settings.model.name
         self.identity = f"{settings.model.name}-bench-identity"
         self.sparkml = f"{settings.model.name}-bench-sparkml"
+        self._spark: SparkSession | None = None
 
     # helpers
     def topic(self, name: str) -> str:
@@ -263,13 +264,22 @@ class Bench:
         train_and_register(self.identity, "v1", alias="champion", estimator=DummyClassifier(strategy="most_frequent"))
         if "throughput" in self.only:
             from streamscore.demo import register_spark_pipeline
+
+            # the same data and classifier kind as the demo model, as a Spark ML pipeline
+            register_spark_pipeline(self.spark(), self.sparkml, "lr", alias="champion")
+
+    def spark(self) -> SparkSession:
+        """The bench's own session (set-up, backfill input, memory): one driver JVM for all of them."""
+        if self._spark is None:
             from streamscore.spark import build_spark
 
-            spark = build_spark(self.settings)
-            try:  # the same data and classifier kind as the demo model, as a Spark ML pipeline
-                register_spark_pipeline(spark, self.sparkml, "lr", alias="champion")
-            finally:
-                spark.stop()
+            self._spark = build_spark(self.settings)
+        return self._spark
+
+    def close(self) -> None:
+        if self._spark is not None:
+            self._spark.stop()
+            self._spark = None
 
     # scenarios
     def throughput(self) -> dict[str, Any]:
@@ -710,27 +720,23 @@ def run(
 ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     bench = Bench(settings, forwarded, sizes, out, base_args, only)
-    bench.setup()
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": machine_description(),
         "sizes": sizes.__dict__ | {"rates": list(sizes.rates)},
     }
-    for name in ("throughput", "latency", "swap"):
-        if name in only:
-            log.info("bench: %s", name)
-            results[name] = getattr(bench, name)()
-    if "backfill" in only or "memory" in only:
-        from streamscore.spark import build_spark
-
-        spark = build_spark(settings)
-        try:
-            for name in ("backfill", "memory"):
-                if name in only:
-                    log.info("bench: %s", name)
-                    results[name] = getattr(bench, name)(spark)
-        finally:
-            spark.stop()
+    try:
+        bench.setup()
+        for name in ("throughput", "latency", "swap"):
+            if name in only:
+                log.info("bench: %s", name)
+                results[name] = getattr(bench, name)()
+        for name in ("backfill", "memory"):
+            if name in only:
+                log.info("bench: %s", name)
+                results[name] = getattr(bench, name)(bench.spark())
+    finally:
+        bench.close()
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results, results["machine"]))
     return results

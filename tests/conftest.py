@@ -1,9 +1,12 @@
-"""Session fixtures: one real Kafka broker, one real MLflow server, one SparkSession (local mode with
-the Kafka connector and Delta), all on free loopback ports under a temporary state folder."""
+"""Session fixtures: one real Kafka broker, one real MLflow server and one metastore (shared by the
+pytest-xdist workers), one SparkSession per worker (local mode with the Kafka connector and Delta),
+all on free loopback ports under temporary state folders."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import logging
 import os
 import subprocess
@@ -48,8 +51,9 @@ SERVICE_FIXTURES = {"services", "tracking", "spark", "make_settings"}
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Two tiers, by what a test needs: ``unit`` (no services, no Spark session) runs first, in
     seconds; then ``integration``, which shares the session's broker, MLflow server, metastore and
-    SparkSession (started by the first test that asks for them). Under pytest-xdist each worker
-    has its own services and session, and the order is longest first (see _distributed_order)."""
+    SparkSession (started by the first test that asks for them). Under pytest-xdist the workers
+    share the services (see SHARED_SERVICES), each has its own SparkSession, and the order is
+    longest first (see _distributed_order)."""
     for item in items:
         needs = SERVICE_FIXTURES & set(getattr(item, "fixturenames", ()))
         if needs and item.get_closest_marker("integration") is None:
@@ -141,35 +145,118 @@ def home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("streamscore-home")
 
 
-@pytest.fixture(scope="session")
-def services(home):
+def _start_services(home: Path) -> dict[str, list[int]]:
+    """A Kafka broker, an MLflow server and a metastore under ``home``, side by side (the caller
+    waits for the slowest only); their ports by name. Those that started are stopped when one fails."""
     from concurrent.futures import ThreadPoolExecutor
 
     from streamscore.infra.services import KafkaService, MetastoreService, MlflowService, start_on_free_ports
 
-    started = []
-    try:
-        with ThreadPoolExecutor(3) as pool:  # side by side: the session waits for the slowest only
-            futures = [
-                pool.submit(start_on_free_ports, lambda p: KafkaService(home, p[0], p[1]), 2),
-                pool.submit(start_on_free_ports, lambda p: MlflowService(home, p[0]), 1),
-                pool.submit(start_on_free_ports, lambda p: MetastoreService(home, p[0]), 1),
-            ]
-        for f in futures:
-            if f.exception() is None:
-                started.append(f.result())
-        kafka, mlflow_srv, metastore = (f.result() for f in futures)  # the first failure, raised
-        yield {
-            "kafka": kafka.address,
-            "mlflow": mlflow_srv.address,
-            "metastore": metastore.address,
-            "kafka_service": kafka,
-            "mlflow_service": mlflow_srv,
-            "metastore_service": metastore,
+    with ThreadPoolExecutor(3) as pool:
+        futures = {
+            "kafka": pool.submit(start_on_free_ports, lambda p: KafkaService(home, p[0], p[1]), 2),
+            "mlflow": pool.submit(start_on_free_ports, lambda p: MlflowService(home, p[0]), 1),
+            "metastore": pool.submit(start_on_free_ports, lambda p: MetastoreService(home, p[0]), 1),
         }
+    failed = [f.exception() for f in futures.values() if f.exception() is not None]
+    if failed:
+        for f in futures.values():
+            if f.exception() is None:
+                f.result().stop()
+        raise failed[0]  # type: ignore[misc]
+    return {name: _service_ports(f.result()) for name, f in futures.items()}
+
+
+def _service_ports(service) -> list[int]:
+    return [service.port, service.controller_port] if hasattr(service, "controller_port") else [service.port]
+
+
+def _service_objects(home: Path, ports: dict[str, list[int]]) -> dict:
+    from streamscore.infra.services import KafkaService, MetastoreService, MlflowService
+
+    return {
+        "kafka": KafkaService(home, *ports["kafka"]),
+        "mlflow": MlflowService(home, *ports["mlflow"]),
+        "metastore": MetastoreService(home, *ports["metastore"]),
+    }
+
+
+def _stop_services(home: Path, ports: dict[str, list[int]]) -> None:
+    for service in reversed(list(_service_objects(home, ports).values())):
+        service.stop()
+
+
+# Under pytest-xdist the workers share one set of services: the controller names a folder
+# (pytest_configure, inherited by the workers it spawns), the first worker that needs the services
+# starts them there, each counts itself in and out under a file lock, the last one out stops them,
+# and the controller stops whatever a crashed worker left.
+SHARED_SERVICES = "STREAMSCORE_TESTS_SHARED_SERVICES"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        import tempfile
+
+        os.environ[SHARED_SERVICES] = tempfile.mkdtemp(prefix="streamscore-tests-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shared = os.environ.get(SHARED_SERVICES)
+    if shared and not hasattr(config, "workerinput"):
+        import shutil
+
+        state = Path(shared) / "services.json"
+        if state.exists():
+            info = json.loads(state.read_text())
+            _stop_services(Path(info["home"]), info["ports"])
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def services(home):
+    shared = os.environ.get(SHARED_SERVICES)
+    if not shared:
+        ports = _start_services(home)
+        try:
+            yield _addresses(home, ports)
+        finally:
+            _stop_services(home, ports)
+        return
+    lock, state = Path(shared) / "services.lock", Path(shared) / "services.json"
+    with _locked(lock):
+        if state.exists():
+            info = json.loads(state.read_text())
+        else:
+            info = {"home": str(Path(shared) / "home"), "ports": _start_services(Path(shared) / "home"), "users": 0}
+        info["users"] += 1
+        state.write_text(json.dumps(info))
+    try:
+        yield _addresses(Path(info["home"]), info["ports"])
     finally:
-        for s in reversed(started):
-            s.stop()
+        with _locked(lock):
+            info = json.loads(state.read_text())
+            info["users"] -= 1
+            if info["users"]:
+                state.write_text(json.dumps(info))
+            else:
+                _stop_services(Path(info["home"]), info["ports"])
+                state.unlink()
+
+
+def _addresses(home: Path, ports: dict[str, list[int]]) -> dict[str, str]:
+    return {name: service.address for name, service in _service_objects(home, ports).items()}
 
 
 @pytest.fixture(scope="session")

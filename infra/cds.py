@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -31,20 +30,11 @@ from typing import Any
 
 import pandas as pd
 
-from streamscore.infra.jars import jars_root
+from streamscore.infra.jars import jars_root, jdk_tool
 
 log = logging.getLogger(__name__)
 
 KEEP = 3  # archives kept in the folder (one per JVM + jar set in use), newest first
-
-
-def _java() -> Path | None:
-    home = os.environ.get("JAVA_HOME")
-    java = Path(home) / "bin" / "java" if home else None
-    if java is None or not java.exists():
-        found = shutil.which("java")
-        java = Path(found) if found else None
-    return java.resolve() if java is not None else None
 
 
 def _file_id(path: Path) -> list[str | int]:
@@ -56,7 +46,7 @@ def archive_key(spark_jars: list[str]) -> str | None:
     """What the archive depends on, hashed; None when there is no ``java`` to key it by."""
     import pyspark
 
-    java = _java()
+    java = jdk_tool("java")
     if java is None:
         return None
     pyspark_jars = Path(pyspark.__file__).parent / "jars"

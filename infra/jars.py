@@ -190,6 +190,17 @@ def resolve(name: str, artifacts: list[Artifact], dest: Path, skip_present_in_py
     return dest
 
 
+def jdk_tool(name: str) -> Path | None:
+    """A JDK program (``java``, ``javac``): ``$JAVA_HOME/bin/<name>``, else the one on the PATH,
+    links resolved; None when there is none."""
+    home = os.environ.get("JAVA_HOME")
+    tool = Path(home) / "bin" / name if home else None
+    if tool is None or not tool.exists():
+        found = shutil.which(name)
+        tool = Path(found) if found else None
+    return tool.resolve() if tool is not None else None
+
+
 def jars_root(home: Path | None = None) -> Path:
     """Jar cache, shared by every state folder: ``STREAMSCORE_JARS_DIR`` or ``~/.cache/streamscore/jars``."""
     return Path(os.environ.get("STREAMSCORE_JARS_DIR") or Path.home() / ".cache" / "streamscore" / "jars")

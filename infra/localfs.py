@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from streamscore.infra.jars import jars_root
+from streamscore.infra.jars import jars_root, jdk_tool
 
 log = logging.getLogger(__name__)
 
@@ -42,40 +42,31 @@ def _hadoop_api() -> Path | None:
     return found[-1] if found else None
 
 
-def _javac() -> str | None:
-    home = os.environ.get("JAVA_HOME")
-    if home and (Path(home) / "bin" / "javac").exists():
-        return str(Path(home) / "bin" / "javac")
-    return shutil.which("javac")
-
-
-def jar_path() -> Path | None:
-    """Where the jar for these sources and this Hadoop goes (None: no Hadoop jar found)."""
-    api = _hadoop_api()
-    if api is None:
-        return None
+def _jar_for(api: Path, sources: list[Path]) -> Path:
+    """Where the jar of ``sources`` compiled against Hadoop's ``api`` jar goes."""
     digest = hashlib.sha256(api.name.encode())
-    for src in sorted(SOURCES.rglob("*.java")):
+    for src in sources:
         digest.update(src.relative_to(SOURCES).as_posix().encode() + b"\0" + src.read_bytes())
     return jars_root() / "streamscore" / f"streamscore-hadoop-{digest.hexdigest()[:16]}.jar"
 
 
 def ensure_jar() -> Path | None:
     """The compiled jar (built now if missing), or None when it cannot be built here."""
-    target = jar_path()
-    if target is None:
+    api, sources = _hadoop_api(), sorted(SOURCES.rglob("*.java"))
+    if api is None or not sources:
+        log.debug("no Hadoop jar in pyspark (or no sources): Hadoop's own local file system serves")
         return None
+    target = _jar_for(api, sources)
     if target.is_file():
         return target
-    javac, api = _javac(), _hadoop_api()
-    if javac is None or api is None or not any(SOURCES.rglob("*.java")):
-        log.debug("no javac (or no sources): Hadoop's own local file system serves")
+    javac = jdk_tool("javac")
+    if javac is None:
+        log.debug("no javac: Hadoop's own local file system serves")
         return None
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="streamscore-hadoop-", dir=target.parent) as tmp:
         classes = Path(tmp) / "classes"
-        sources = [str(p) for p in sorted(SOURCES.rglob("*.java"))]
-        cmd = [javac, "-nowarn", "--release", "17", "-cp", str(api), "-d", str(classes), *sources]
+        cmd = [str(javac), "-nowarn", "--release", "17", "-cp", str(api), "-d", str(classes), *map(str, sources)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             log.warning(

@@ -6,8 +6,9 @@ CPU here, with the tracking plugins' entry points), so a job on two cores pays i
 first batch, and again whenever a worker is replaced. Imported here, the forked workers find the
 modules loaded: the import is paid once per executor, by the daemon.
 
-Used where streamscore launches the driver JVM itself (local mode, see :func:`streamscore.spark.
-spark_conf`); a cluster's executors keep their own daemon. An import that fails here is left to
+Used where streamscore launches the driver JVM itself (``spark.master`` set: local mode,
+``local-cluster``, a standalone master, whose executors run this package too; see
+:func:`streamscore.spark.spark_conf`); a Databricks cluster keeps its own daemon. An import that fails here is left to
 the worker, which raises it where the task can report it.
 """
 

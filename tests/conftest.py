@@ -145,40 +145,46 @@ def home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("streamscore-home")
 
 
+# the shared services by name: how many ports each takes, and the service on those ports
+SERVICE_PORTS = {"kafka": 2, "mlflow": 1, "metastore": 1}
+
+
+def _service(name: str, home: Path, ports: list[int]):
+    from streamscore.infra.services import KafkaService, MetastoreService, MlflowService
+
+    return {"kafka": KafkaService, "mlflow": MlflowService, "metastore": MetastoreService}[name](home, *ports)
+
+
 def _start_services(home: Path) -> dict[str, list[int]]:
     """A Kafka broker, an MLflow server and a metastore under ``home``, side by side (the caller
     waits for the slowest only); their ports by name. Those that started are stopped when one fails."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from streamscore.infra.services import KafkaService, MetastoreService, MlflowService, start_on_free_ports
+    from streamscore.infra.services import start_on_free_ports
 
-    with ThreadPoolExecutor(3) as pool:
-        futures = {
-            "kafka": pool.submit(start_on_free_ports, lambda p: KafkaService(home, p[0], p[1]), 2),
-            "mlflow": pool.submit(start_on_free_ports, lambda p: MlflowService(home, p[0]), 1),
-            "metastore": pool.submit(start_on_free_ports, lambda p: MetastoreService(home, p[0]), 1),
-        }
+    def start(name: str) -> list[int]:
+        chosen: list[int] = []  # the ports of the attempt that started (start_on_free_ports may retry)
+
+        def make(ports: list[int]):
+            chosen[:] = ports
+            return _service(name, home, ports)
+
+        start_on_free_ports(make, SERVICE_PORTS[name])
+        return chosen
+
+    with ThreadPoolExecutor(len(SERVICE_PORTS)) as pool:
+        futures = {name: pool.submit(start, name) for name in SERVICE_PORTS}
     failed = [f.exception() for f in futures.values() if f.exception() is not None]
     if failed:
-        for f in futures.values():
+        for name, f in futures.items():
             if f.exception() is None:
-                f.result().stop()
+                _service(name, home, f.result()).stop()
         raise failed[0]  # type: ignore[misc]
-    return {name: _service_ports(f.result()) for name, f in futures.items()}
-
-
-def _service_ports(service) -> list[int]:
-    return [service.port, service.controller_port] if hasattr(service, "controller_port") else [service.port]
+    return {name: f.result() for name, f in futures.items()}
 
 
 def _service_objects(home: Path, ports: dict[str, list[int]]) -> dict:
-    from streamscore.infra.services import KafkaService, MetastoreService, MlflowService
-
-    return {
-        "kafka": KafkaService(home, *ports["kafka"]),
-        "mlflow": MlflowService(home, *ports["mlflow"]),
-        "metastore": MetastoreService(home, *ports["metastore"]),
-    }
+    return {name: _service(name, home, ports[name]) for name in SERVICE_PORTS}
 
 
 def _stop_services(home: Path, ports: dict[str, list[int]]) -> None:

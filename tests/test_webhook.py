@@ -99,6 +99,21 @@ def test_verify_matches_mlflow_signing():
     )
 
 
+def _no_delivery(client, webhook_id: str) -> str:
+    """Why no delivery came: the server's own test delivery to the same webhook, its webhook list,
+    and what its log says about webhooks."""
+    import os
+    from pathlib import Path
+
+    probe = client.test_webhook(webhook_id)
+    hooks = [(h.name, h.url, [str(e) for e in h.events]) for h in client.list_webhooks()]
+    shared = os.environ.get("STREAMSCORE_TESTS_SHARED_SERVICES")  # the log of a per-worker server is not found
+    log = Path(shared or "/nonexistent") / "home" / "services" / "mlflow" / "mlflow.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    lines = [line for line in text.splitlines() if "ebhook" in line]
+    return f"no webhook delivery from the MLflow server; test delivery: {probe}; webhooks: {hooks}; log: {lines[-20:]}"
+
+
 @pytest.mark.integration
 def test_real_mlflow_server_delivery_reaches_the_receiver(tracking):
     from mlflow import MlflowClient
@@ -114,7 +129,7 @@ def test_real_mlflow_server_delivery_reaches_the_receiver(tracking):
     hook = client.create_webhook(name="t", url=r.url, secret=SECRET, events=["model_version_alias.created"])
     try:
         promote(name, v1, "champion")
-        assert got.wait(60), "no webhook delivery from the MLflow server"
+        assert got.wait(60), _no_delivery(client, hook.webhook_id)
         assert seen[0]["data"]["alias"] == "champion" and str(seen[0]["data"]["version"]) == v1
         assert r.rejected == 0
     finally:

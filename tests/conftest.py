@@ -11,7 +11,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -294,13 +293,14 @@ def spark(services, home):
 def make_settings(services, tracking, home, tmp_path):
     """Settings for one test: its own topic, tables, checkpoint and model name."""
     from streamscore.conf.settings import load_settings
+    from tests.helpers import unique
 
     def make(name: str | None = None, **sections):
         n = next(_counter)
         base = {
             "app": {"home": str(home)},
             "spark": {"master": "local[2]"},
-            "source": {"kafka": {"bootstrap_servers": services["kafka"], "topic": f"t{n}-{int(time.time())}"}},
+            "source": {"kafka": {"bootstrap_servers": services["kafka"], "topic": unique(f"t{n}")}},
             "sink": {
                 "output_path": str(tmp_path / f"scored{n}"),
                 "dead_letter_path": str(tmp_path / f"dead{n}"),
@@ -311,7 +311,7 @@ def make_settings(services, tracking, home, tmp_path):
             "catalog": {"metastore": services["metastore"]},
             # many of the tests' models are custom python_model classes (pickled): the loading
             # policy's default refuses them (tests/test_policy.py checks that default)
-            "model": {"name": name or f"iris-test-{n}-{int(time.time())}", "allow_pickle": True},
+            "model": {"name": name or unique(f"iris-test-{n}"), "allow_pickle": True},
             "trigger": {"processing_time": "1 second"},
             "watch": {"poll_interval_s": 0.5},
         }

@@ -7,6 +7,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 
 import cloudpickle
 import mlflow.pyfunc
@@ -14,6 +15,13 @@ import pandas as pd
 
 from streamscore.demo import FEATURES, SKLEARN_REQUIREMENTS, iris_frame, pinned_requirements
 from streamscore.streaming import StreamHandle
+
+
+def unique(prefix: str, sep: str = "-") -> str:
+    """A name no other test uses on the shared services: the xdist workers share one broker, MLflow
+    server and metastore, so a counter and the clock are not enough (two workers' first tests
+    named the same model in the same second)."""
+    return f"{prefix}{sep}{uuid.uuid4().hex[:12]}"
 
 
 class RaisingModel(mlflow.pyfunc.PythonModel):

@@ -11,7 +11,6 @@ import itertools
 import json
 import logging
 import shutil
-import time
 
 import pandas as pd
 import pytest
@@ -24,13 +23,13 @@ from streamscore.errors import SinkError
 from streamscore.scoring import io as sio
 from streamscore.scoring.tables import TableRef
 from streamscore.streaming import run_stream
-from tests.helpers import run_until_failpoint, stream_command
+from tests.helpers import run_until_failpoint, stream_command, unique
 
 _schemas = itertools.count()
 
 
 def _schema_name() -> str:
-    return f"cat{next(_schemas)}_{int(time.time() * 1000) % 10**8}"
+    return unique(f"cat{next(_schemas)}", "_")
 
 
 def _by_location(spark, name: str) -> pd.DataFrame:
@@ -136,7 +135,7 @@ def test_named_tables_schema_check_and_missing_schema(spark, home):
     with pytest.raises(SinkError, match=rf"Delta table {db}.scored does not fit v3: column 'prediction' is string"):
         sio.ensure_delta_table(spark, table, wanted, "v3")
     missing = TableRef.named(f"{_schema_name()}.scored")
-    with pytest.raises(SinkError, match=r"schema `cat\d+_\d+` of table .* does not exist: create it \(CREATE SCHEMA"):
+    with pytest.raises(SinkError, match=r"schema `cat\d+_\w+` of table .* does not exist: create it \(CREATE SCHEMA"):
         sio.ensure_delta_table(spark, missing, wanted, "v3", sio.Creation(create_schema=False))
 
 

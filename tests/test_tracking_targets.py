@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 from mlflow import MlflowClient
@@ -13,6 +12,7 @@ from mlflow import MlflowClient
 from streamscore.conf.settings import ConfigError, load_settings
 from streamscore.demo import ensure_topic, produce_events, train_and_register
 from streamscore.streaming import run_stream
+from tests.helpers import unique
 
 AZURE = [
     "tracking.azure.subscription_id=00000000-0000-0000-0000-000000000000",
@@ -230,7 +230,7 @@ def test_the_unity_catalog_emulator_answers_aliases_only(services, tracking, mon
     from streamscore.registry_watch.resolve import ModelRef, check_uc_ref
     from tests.mlflow_workspaces import DatabricksWorkspace
 
-    name = f"main.ml.uc_{int(time.time() * 1000)}"
+    name = unique("main.ml.uc", "_")
     train_and_register(name, "v1", alias="champion")
     ws = DatabricksWorkspace(services["mlflow"])
     monkeypatch.setenv("DATABRICKS_HOST", ws.url)

@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from streamscore.registry_watch.webhook import WebhookReceiver, sign, verify
+from tests.helpers import unique
 
 SECRET = "test-webhook-secret"
 
@@ -120,7 +121,7 @@ def test_real_mlflow_server_delivery_reaches_the_receiver(tracking):
 
     from streamscore.demo import promote, train_and_register
 
-    name = f"webhook-model-{int(time.time())}"
+    name = unique("webhook-model")
     v1 = train_and_register(name, "v1", alias=None)
     got = threading.Event()
     seen = []

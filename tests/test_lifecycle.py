@@ -68,8 +68,8 @@ def test_a_refused_initial_version_fails_naming_model_and_version(spark, make_se
 
 @pytest.mark.heavy
 def test_sigterm_stops_a_stream_running_on_a_cluster_after_its_batch(spark, make_settings, tmp_path):
-    """The job in a subprocess on ``local-cluster[2,1,1024]`` (a master, two workers, executors in
-    JVMs of their own: the connector and Delta jars and the model reach them through ``spark.jars``
+    """The job in a subprocess on ``local-cluster[1,1,1024]`` (a master, a worker, an executor in a
+    JVM of its own: the connector and Delta jars and the model reach them through ``spark.jars``
     and ``SparkContext.addArchive`` as on a real cluster), then SIGTERM: it stops after its batch,
     KILLED, with its summary; the rows it wrote are scored like the model's own ``predict``."""
     s = make_settings()
@@ -78,7 +78,7 @@ def test_sigterm_stops_a_stream_running_on_a_cluster_after_its_batch(spark, make
     ensure_topic(k.bootstrap_servers, k.topic)
     sent = produce_events(k.bootstrap_servers, k.topic, 200, malformed_every=20, prefix="sig")
     home = tmp_path / "home"
-    args = stream_command(s, home, spark__master="local-cluster[2,1,1024]")
+    args = stream_command(s, home, spark__master="local-cluster[1,1,1024]")
     stderr_file = tmp_path / "stderr.txt"
     with open(stderr_file, "w") as err:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, env=dict(os.environ))

@@ -129,8 +129,15 @@ def test_real_mlflow_server_delivery_reaches_the_receiver(tracking):
     client = MlflowClient()
     hook = client.create_webhook(name="t", url=r.url, secret=SECRET, events=["model_version_alias.created"])
     try:
-        promote(name, v1, "champion")
-        assert got.wait(60), _no_delivery(client, hook.webhook_id)
+        # the server tries an event once: when listing its webhooks fails (its store busy under the
+        # other worker's load, say) it logs the error and drops the event (mlflow.webhooks.delivery).
+        # One CI run saw no delivery in 60 s; the alias is set again after 30 s, at most twice more,
+        # and every delivery that does arrive must verify
+        for _ in range(3):
+            promote(name, v1, "champion")
+            if got.wait(30):
+                break
+        assert got.is_set(), _no_delivery(client, hook.webhook_id)
         assert seen[0]["data"]["alias"] == "champion" and str(seen[0]["data"]["version"]) == v1
         assert r.rejected == 0
     finally:

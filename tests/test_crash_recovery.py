@@ -86,9 +86,9 @@ def test_kills_at_random_moments_and_inside_a_batch_lose_and_duplicate_nothing(s
             v2 = train_and_register(s.model.name, "v2", alias="champion")
 
     # the last run needs no fresh process (nothing kills it): in this one, on the tests' Spark session
-    drain = make_settings(
+    drain = make_settings(  # the killed batch replayed (its offsets are in the checkpoint), then the rest at once
         s.model.name,
-        source={"kafka": {"topic": k.topic, "max_offsets_per_trigger": 150}},
+        source={"kafka": {"topic": k.topic, "max_offsets_per_trigger": 3000}},
         sink={
             "output_path": s.output_path,
             "dead_letter_path": s.dead_letter_path,

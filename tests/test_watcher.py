@@ -119,17 +119,20 @@ def test_a_torn_ledger_line_is_cut_and_the_ledger_goes_on(tmp_path):
 @pytest.mark.heavy
 @pytest.mark.integration
 def test_a_candidate_whose_predict_hangs_is_refused_within_the_time_limit(make_settings, watcher):
+    import dataclasses
+
     from tests.helpers import register_hanging
 
     s = make_settings(watch={"gate_timeout_s": 30})  # the first version's start must fit in it on a busy machine
     v1 = train_and_register(s.model.name, "v1", alias="champion")
     w = watcher(s)
+    w.gate.config = dataclasses.replace(w.gate.config, timeout_s=6.0)  # the candidate's limit: no need to wait 30 s
     bad = register_hanging(s.model.name)
     MlflowClient(s.tracking.uri).set_registered_model_alias(s.model.name, "champion", bad)
     t0 = time.time()
     assert w.poll(force=True) == "refused"
-    assert time.time() - t0 < 120
-    assert "watch.gate_timeout_s (30s)" in w.refusals[0].reason
+    assert time.time() - t0 < 60
+    assert "watch.gate_timeout_s (6s)" in w.refusals[0].reason
     assert w.model_for_batch(0).version == v1
 
 

@@ -261,7 +261,11 @@ def services(home):
 
 
 def _addresses(home: Path, ports: dict[str, list[int]]) -> dict[str, str]:
-    return {name: service.address for name, service in _service_objects(home, ports).items()}
+    """Each service's address by its name, and its log file as ``<name>_log``."""
+    out = {}
+    for name, service in _service_objects(home, ports).items():
+        out[name], out[f"{name}_log"] = service.address, str(service.log_file)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -100,23 +100,19 @@ def test_verify_matches_mlflow_signing():
     )
 
 
-def _no_delivery(client, webhook_id: str) -> str:
+def _no_delivery(client, webhook_id: str, server_log: str) -> str:
     """Why no delivery came: the server's own test delivery to the same webhook, its webhook list,
     and what its log says about webhooks."""
-    import os
     from pathlib import Path
 
     probe = client.test_webhook(webhook_id)
     hooks = [(h.name, h.url, [str(e) for e in h.events]) for h in client.list_webhooks()]
-    shared = os.environ.get("STREAMSCORE_TESTS_SHARED_SERVICES")  # the log of a per-worker server is not found
-    log = Path(shared or "/nonexistent") / "home" / "services" / "mlflow" / "mlflow.log"
-    text = log.read_text(errors="replace") if log.exists() else ""
-    lines = [line for line in text.splitlines() if "ebhook" in line]
+    lines = [line for line in Path(server_log).read_text(errors="replace").splitlines() if "ebhook" in line]
     return f"no webhook delivery from the MLflow server; test delivery: {probe}; webhooks: {hooks}; log: {lines[-20:]}"
 
 
 @pytest.mark.integration
-def test_real_mlflow_server_delivery_reaches_the_receiver(tracking):
+def test_real_mlflow_server_delivery_reaches_the_receiver(services, tracking):
     from mlflow import MlflowClient
 
     from streamscore.demo import promote, train_and_register
@@ -137,7 +133,7 @@ def test_real_mlflow_server_delivery_reaches_the_receiver(tracking):
             promote(name, v1, "champion")
             if got.wait(30):
                 break
-        assert got.is_set(), _no_delivery(client, hook.webhook_id)
+        assert got.is_set(), _no_delivery(client, hook.webhook_id, services["mlflow_log"])
         assert seen[0]["data"]["alias"] == "champion" and str(seen[0]["data"]["version"]) == v1
         assert r.rejected == 0
     finally:

@@ -142,14 +142,17 @@ def _r(x: float | None, nd: int = 2) -> float | None:
 class Job:
     """A ``streamscore`` command in its own process; its last stdout line is its JSON summary."""
 
-    def __init__(self, bench: Bench, name: str, argv: list[str], overrides: list[str]):
+    def __init__(
+        self, bench: Bench, name: str, argv: list[str], overrides: list[str], command: list[str] | None = None
+    ):
+        """``command``: another program than ``python -m streamscore`` (then ``overrides`` are not passed)."""
         self.name = name
         self.log_path = bench.out / f"{name}.log"
         sets = bench.base_args + [a for kv in [*bench.forwarded, *overrides] for a in ("--set", kv)]
         env = {**os.environ, "STREAMSCORE_HOME": str(bench.settings.home)}
         self.started_at = time.time()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streamscore", *argv, *sets],
+            command or [sys.executable, "-m", "streamscore", *argv, *sets],
             stdout=subprocess.PIPE,
             stderr=open(self.log_path, "w"),  # noqa: SIM115 - closed with the process
             env=env,
@@ -312,14 +315,55 @@ class Bench:
                 "startup_phases_s": summary.get("startup_s"),
                 "first_batch_s": summary.get("first_batch_s"),
             }
+        if self.sizes.peers:
+            res["spark_udf_by_hand"] = self.handwritten(topic, n)
         res["plain_consumer"] = {"rows_per_s": _r(self.plain_consumer(topic, n), 0)}
         res["compute_ceiling"] = self.compute_ceiling()
         ours = res["streamscore"]["rows_per_s"] or 0
         res["ratio_vs_plain_consumer"] = _r(ours / res["plain_consumer"]["rows_per_s"])
         if self.sizes.peers:
             res["ratio_vs_identity_model"] = _r(ours / (res["streamscore_identity_model"]["rows_per_s"] or 1))
+            res["ratio_vs_spark_udf_by_hand"] = _r(ours / (res["spark_udf_by_hand"]["rows_per_s"] or 1))
             res["ratio_spark_ml_vs_pyfunc"] = _r((res["streamscore_spark_ml"]["rows_per_s"] or 0) / (ours or 1))
         return res
+
+    def handwritten(self, topic: str, n: int) -> dict[str, Any]:
+        """The job a user writes by hand (``bench/handwritten.py``: ``from_json``, ``spark_udf``, the
+        Delta sink) on the same backlog, with the same events per micro-batch as streamscore's."""
+        import mlflow
+
+        from streamscore.infra.jars import ensure_spark_jars
+
+        d = self.out / "tables" / "spark_udf_by_hand"
+        command = [
+            sys.executable,
+            str(Path(__file__).with_name("handwritten.py")),
+            "--bootstrap",
+            self.kafka,
+            "--topic",
+            topic,
+            "--model-uri",
+            f"models:/{self.model}/{self.v1}",
+            "--tracking-uri",
+            mlflow.get_tracking_uri(),
+            "--out",
+            str(d),
+            "--max-offsets",
+            str(self.sizes.batch_events or self.settings.source.kafka.max_offsets_per_trigger),
+            "--jars",
+            ",".join(ensure_spark_jars(self.settings.home)),
+            "--shuffle-partitions",
+            str(self.settings.spark.shuffle_partitions),
+        ]
+        job = Job(self, "spark_udf_by_hand", [], [], command=command)
+        summary = job.summary()
+        commits = delta_commits(d / "scored")
+        assert sum(c.rows for c in commits) == summary["rows"] == n, summary
+        return {
+            "rows_per_s": _r(committed_rate(commits), 0),
+            "batches": summary["batches"],
+            "start_to_first_commit_s": _r(commits[0].visible_at - job.started_at),
+        }
 
     def plain_consumer(self, topic: str, n: int) -> float:
         """A fair hand-written consumer: batched consume, orjson, pandas, the registered model, Parquet."""
@@ -626,6 +670,8 @@ def markdown(results: dict[str, Any], machine: str) -> str:
     t = results.get("throughput")
     if t:
         identity = f"; {t['ratio_vs_identity_model']}x identity model" if "streamscore_identity_model" in t else ""
+        if "spark_udf_by_hand" in t:
+            identity += f"; {t['ratio_vs_spark_udf_by_hand']}x spark_udf by hand"
         rows.append(
             (
                 "Kafka -> Delta, streamscore (defaults, demo model)",
@@ -639,6 +685,11 @@ def markdown(results: dict[str, Any], machine: str) -> str:
                     "Kafka -> Delta, identity model (pipeline ceiling)",
                     _n(t["streamscore_identity_model"]["rows_per_s"], " rows/s"),
                     "",
+                ),
+                (
+                    "Kafka -> Delta, by hand: from_json + mlflow spark_udf + Delta sink (bench/handwritten.py)",
+                    _n(t["spark_udf_by_hand"]["rows_per_s"], " rows/s"),
+                    "no validation, dead letters, lineage or swap",
                 ),
                 (
                     "Kafka -> Delta, Spark ML pipeline of the same classifier (scored natively)",

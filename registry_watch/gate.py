@@ -395,7 +395,12 @@ class ValidationGate:
             cores = self.spark.sparkContext.defaultParallelism
             if all_cores:  # a local frame is split over the cores: at least one row each
                 sample = sample * -(-cores // len(sample))
-            df = as_events(self.spark.createDataFrame([(s,) for s in sample], "value string"), "validation-gate")
+            import pandas as pd
+
+            # from pandas (Arrow, on the driver): a local list would be converted by a Python task,
+            # starting a second Python daemon beside the scoring UDFs' own (see io.empty_frame)
+            values = self.spark.createDataFrame(pd.DataFrame({"value": sample}), "value string")
+            df = as_events(values, "validation-gate")
             if not all_cores:
                 df = df.repartition(max(1, min(self.config.partitions, len(sample))))
             try:

@@ -293,8 +293,19 @@ def ensure_delta_table(
         )
 
 
+def empty_frame(spark: SparkSession, schema: StructType) -> DataFrame:
+    """No rows, exactly ``schema``, and no Python worker: a frame made from a local Python list
+    (even an empty one) is converted by a Python task when it is written, which starts a second
+    Python daemon beside the one the scoring UDFs use (a worker environment of its own: about 2 s
+    of a job's start-up here)."""
+    try:
+        return spark.createDataFrame(spark.sparkContext.emptyRDD(), schema)  # no partitions: no task
+    except Exception:  # noqa: BLE001 - a session without a SparkContext (Spark Connect)
+        return spark.createDataFrame([], schema)
+
+
 def _create(spark: SparkSession, table: TableRef, schema: StructType, cdf: bool, create_schema: bool) -> None:
-    writer = spark.createDataFrame([], schema).write.format("delta").mode("append")
+    writer = empty_frame(spark, schema).write.format("delta").mode("append")
     if cdf:  # a table property from its first version on (a reader of changes may start at 0)
         writer = writer.option("delta.enableChangeDataFeed", "true")
     if table.name is None:

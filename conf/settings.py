@@ -61,6 +61,7 @@ class SparkSettings(_Section):
     conf: dict[str, str] = {}
     use_local_jars: bool = True
     class_archive: bool = True
+    driver_jit: Literal["c1", "tiered"] = "c1"
 
 
 class KafkaSource(_Section):

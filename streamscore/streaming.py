@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -274,8 +275,11 @@ class ScoringStream:
             warmer,
             settings,
         )
+        warm = _warm_source_reader(spark, settings)
         with ctx.phase("model"):  # resolve, download, policy, gate (warms the Python workers), tables
             self.serving = start_serving(self.watcher, self.processor)
+        if warm is not None:
+            warm.join(10.0)
         ctx.phases.update({f"model.{k}": v for k, v in self.watcher.start_phases.items()})
         if self.processor.tables_s is not None:
             ctx.phases["model.tables"] = self.processor.tables_s
@@ -308,6 +312,25 @@ class ScoringStream:
         if on_ready:
             on_ready(StreamHandle(query.id, self.run_id, self.serving.version, self.processor, self.watcher))
         self.stopper.run(query, settings.checkpoint_path)
+
+
+def _warm_source_reader(spark: SparkSession, settings: Settings) -> threading.Thread | None:
+    """While the gate scores its sample (mostly Python: the workers' imports and model load), the
+    JVM reads one event of the source topic in a batch job of its own: the Kafka client's classes,
+    the driver's admin client and an executor's consumer are then ready for the first micro-batch
+    (about 1 s of it here). Nothing depends on it: a failure is logged at debug level."""
+    if settings.source.kind != "kafka" or not settings.spark.master:
+        return None
+
+    def warm() -> None:
+        try:
+            sio.read_kafka_range(spark, settings.source.kafka, "earliest", "latest").limit(1).collect()
+        except Exception as e:  # noqa: BLE001 - the stream's own read reports real problems
+            log.debug("source warm-up: %s: %s", type(e).__name__, str(e)[:300])
+
+    thread = threading.Thread(target=warm, name="streamscore-source-warmer", daemon=True)
+    thread.start()
+    return thread
 
 
 def start_serving(watcher: RegistryWatcher, processor: BatchProcessor) -> ModelHandle:

@@ -20,10 +20,6 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 # Spark's Python workers import test helpers (e.g. broken models) by module name
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-# the suite's driver JVMs (its session's and each job process's) live seconds to minutes: C1 alone
-# compiles enough for that and leaves the CPU to the work (about 3 s and a quarter of the JVM's CPU
-# off each start on this machine; C2's faster code would only pay off in a long-running job)
-os.environ.setdefault("STREAMSCORE_DRIVER_JAVA_OPTIONS", "-XX:TieredStopAtLevel=1")
 
 _counter = itertools.count()
 

@@ -63,11 +63,14 @@ def test_the_settings_and_the_infrastructure_variable_decide_the_driver_options(
     path = cds.archive_path(cds.archive_key(class_path_jars(launched)))
     path.parent.mkdir(parents=True)
     path.write_bytes(b"archive")
-    assert options() == f"-Dlog4j2.level=WARN -XX:SharedArchiveFile={path}"
-    assert options(class_archive=False) == "-Dlog4j2.level=WARN"
+    assert options(driver_jit="tiered") == f"-Dlog4j2.level=WARN -XX:SharedArchiveFile={path}"
+    assert options() == f"-Dlog4j2.level=WARN -XX:TieredStopAtLevel=1 -XX:SharedArchiveFile={path}"
+    assert options(class_archive=False, driver_jit="tiered") == "-Dlog4j2.level=WARN"
     assert options(master=None) == "-Dlog4j2.level=WARN"  # no JVM started here (Databricks)
-    monkeypatch.setenv("STREAMSCORE_DRIVER_JAVA_OPTIONS", "-XX:TieredStopAtLevel=1")
-    assert options(class_archive=False) == "-Dlog4j2.level=WARN -XX:TieredStopAtLevel=1"
+    own = {"spark.driver.extraJavaOptions": "-XX:TieredStopAtLevel=4"}
+    assert options(class_archive=False, conf=own) == "-XX:TieredStopAtLevel=4"  # the user's own level stands
+    monkeypatch.setenv("STREAMSCORE_DRIVER_JAVA_OPTIONS", "-Dextra=1")
+    assert options(class_archive=False) == "-Dlog4j2.level=WARN -XX:TieredStopAtLevel=1 -Dextra=1"
 
 
 @pytest.mark.integration

@@ -65,9 +65,10 @@ typecheck: $(DEV_DEPS)
 	cp streamscore/*.py $(TYPECHECK)/streamscore/
 	for d in jobs scoring registry_watch conf infra; do cp -r $$d $(TYPECHECK)/streamscore/$$d; done
 	cp bench/benchmark.py $(TYPECHECK)/streamscore_bench.py
+	cp bench/handwritten.py $(TYPECHECK)/streamscore_bench_handwritten.py
 	cd $(TYPECHECK) && $(abspath $(BIN)/mypy) --config-file $(abspath pyproject.toml) \
-	    -p streamscore -m streamscore_bench \
-	    | sed -e 's#^streamscore_bench.py#bench/benchmark.py#' -e 's#^streamscore/\(jobs\|scoring\|registry_watch\|conf\|infra\)/#\1/#' -e 's#^streamscore/#streamscore/#'; \
+	    -p streamscore -m streamscore_bench -m streamscore_bench_handwritten \
+	    | sed -e 's#^streamscore_bench.py#bench/benchmark.py#' -e 's#^streamscore_bench_handwritten.py#bench/handwritten.py#' -e 's#^streamscore/\(jobs\|scoring\|registry_watch\|conf\|infra\)/#\1/#' -e 's#^streamscore/#streamscore/#'; \
 	    exit $${PIPESTATUS[0]}
 
 services-stop:

@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-offsets", type=int, default=200_000, help="events per micro-batch at most")
     p.add_argument("--jars", default="", help="comma-separated jars (Kafka connector, Delta)")
     p.add_argument("--shuffle-partitions", type=int, default=2)
+    p.add_argument(
+        "--snapshot-partitions",
+        type=int,
+        default=2,
+        help="spark.databricks.delta.snapshotPartitions (streamscore's 2; Delta's own default is 50)",
+    )
     a = p.parse_args(argv)
     started = time.time()
 
@@ -56,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         # Delta's log state in a few partitions, not its default 50 (the setting streamscore uses)
-        .config("spark.databricks.delta.snapshotPartitions", "2")
+        .config("spark.databricks.delta.snapshotPartitions", str(a.snapshot_partitions))
     )
     if a.jars:
         builder = builder.config("spark.jars", a.jars)

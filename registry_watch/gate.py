@@ -398,7 +398,7 @@ class ValidationGate:
             import pandas as pd
 
             # from pandas (Arrow, on the driver): a local list would be converted by a Python task,
-            # starting a second Python daemon beside the scoring UDFs' own (see io.empty_frame)
+            # which may start a second Python daemon beside the scoring UDFs' own (see io.empty_frame)
             values = self.spark.createDataFrame(pd.DataFrame({"value": sample}), "value string")
             df = as_events(values, "validation-gate")
             if not all_cores:

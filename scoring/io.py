@@ -295,9 +295,10 @@ def ensure_delta_table(
 
 def empty_frame(spark: SparkSession, schema: StructType) -> DataFrame:
     """No rows, exactly ``schema``, and no Python worker: a frame made from a local Python list
-    (even an empty one) is converted by a Python task when it is written, which starts a second
-    Python daemon beside the one the scoring UDFs use (a worker environment of its own: about 2 s
-    of a job's start-up here)."""
+    (even an empty one) is converted by a Python task of the RDD API when it is written. Where that
+    API's worker environment differs from the SQL runners' (any session whose JVM streamscore did
+    not start: see :meth:`streamscore.spark.SparkStart._start_python_workers`), the task starts a
+    second Python daemon beside the scoring UDFs' own: about 2 s of a job's start-up here."""
     try:
         return spark.createDataFrame(spark.sparkContext.emptyRDD(), schema)  # no partitions: no task
     except Exception:  # noqa: BLE001 - a session without a SparkContext (Spark Connect)

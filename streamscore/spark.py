@@ -135,11 +135,11 @@ class SparkStart:
         if SparkContext._gateway is not None:
             self._session = self._create()
             return
-        launch_conf = SparkConf(loadDefaults=False)
+        self._launch_conf = SparkConf(loadDefaults=False)
         for k, v in builder._options.items():  # what SparkContext would launch the JVM with
-            launch_conf.set(k, v)
+            self._launch_conf.set(k, v)
         with redirect_fds_to_log(), hidden_from_children():
-            SparkContext._ensure_initialized(gateway=launch_gateway(launch_conf))
+            SparkContext._ensure_initialized(gateway=launch_gateway(self._launch_conf))
         self._thread = threading.Thread(target=self._run, name="streamscore-spark-start", daemon=True)
         self._thread.start()
 
@@ -163,16 +163,13 @@ class SparkStart:
         Spark keys a daemon by its workers' environment, and its SQL runners (the pandas UDFs) add
         ``SPARK_SIMPLIFIED_TRACEBACK=1`` where the RDD API does not: without it in the context's
         environment, this job's daemon would be a second one that no scoring job uses."""
-        from pyspark import SparkConf, SparkContext
+        from pyspark import SparkContext
 
-        options = self._builder._options
-        if not options.get("spark.python.daemon.module"):  # a JVM not launched here: its own set-up
+        conf = self._launch_conf
+        if not conf.get("spark.python.daemon.module"):  # a JVM not launched here: its own set-up
             return
-        conf = SparkConf(loadDefaults=False)
-        for k, v in options.items():
-            conf.set(k, v)
         sc = SparkContext.getOrCreate(conf)
-        if options.get("spark.sql.execution.pyspark.udf.simplifiedTraceback.enabled", "true").lower() != "false":
+        if (conf.get("spark.sql.execution.pyspark.udf.simplifiedTraceback.enabled") or "true").lower() != "false":
             sc.environment["SPARK_SIMPLIFIED_TRACEBACK"] = "1"
         n = sc.defaultParallelism
 

@@ -39,6 +39,7 @@ def kafka_options(kafka: Any) -> dict[str, str]:
         "subscribe": kafka.topic,
         "startingOffsets": kafka.starting_offsets,
         "failOnDataLoss": str(kafka.fail_on_data_loss).lower(),
+        "kafka.fetch.max.wait.ms": str(kafka.fetch_max_wait_ms),
     }
     if kafka.sasl_password is not None:
         module = _LOGIN_MODULES[kafka.sasl_mechanism]

@@ -82,3 +82,28 @@ def test_python_workers_are_forked_from_the_daemon_that_preloads_mlflow(spark):
 
     parent, loaded = spark.sparkContext.parallelize([0], 1).mapPartitions(where).collect()[0]
     assert "-m streamscore.scoring.daemon" in parent and loaded, parent
+
+
+def test_python_workers_import_the_installed_pyspark_not_sparks_archives(spark):
+    """scoring/daemon.py trims the archives Spark puts first on the workers' path: pyspark and py4j
+    come from the installed packages (compiled once, not from a zip's source in every process) and
+    no archive is left for ``importlib.invalidate_caches`` (run before every task) to read again."""
+
+    def where(_):
+        import sys
+
+        import py4j
+        import pyspark
+
+        yield (
+            pyspark.__file__,
+            py4j.__file__,
+            [p for p in sys.path if p.endswith((".zip", ".jar")) and os.path.isfile(p)],
+        )
+
+    pyspark_file, py4j_file, archives = spark.sparkContext.parallelize([0], 1).mapPartitions(where).collect()[0]
+    import py4j
+    import pyspark
+
+    assert (pyspark_file, py4j_file) == (pyspark.__file__, py4j.__file__)
+    assert archives == [], archives

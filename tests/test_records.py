@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import orjson
 import pandas as pd
@@ -245,3 +247,32 @@ def test_fuzzed_messages_are_all_accounted_for_with_reasons(model):
         "expected a JSON object",
     ):
         assert bad["reason"].str.contains(kind, regex=False).any(), kind
+
+
+def test_the_worker_daemon_drops_only_archives_whose_python_is_installed(tmp_path):
+    """scoring/daemon.py: Spark's copy of an installed package (same version.py) leaves the path, a
+    jar without Python too; an archive of another release, or of a package not installed, stays."""
+    import zipfile
+
+    import pyspark
+
+    from streamscore.scoring.daemon import prefer_installed_copies
+
+    installed = (Path(pyspark.__file__).parent / "version.py").read_bytes()
+
+    def archive(name: str, files: dict[str, bytes]) -> str:
+        path = tmp_path / name
+        path.parent.mkdir(exist_ok=True)
+        with zipfile.ZipFile(path, "w") as z:
+            for member, data in files.items():
+                z.writestr(member, data)
+        return str(path)
+
+    same = archive("pyspark.zip", {"pyspark/__init__.py": b"", "pyspark/version.py": installed})
+    other = archive("old/pyspark.zip", {"pyspark/__init__.py": b"", "pyspark/version.py": b"__version__ = '3.5.0'\n"})
+    unknown = archive("mine.zip", {"not_installed_pkg/__init__.py": b"", "not_installed_pkg/version.py": b"1"})
+    jar = archive("spark-core.jar", {"org/apache/spark/SparkContext.class": b"\xca\xfe"})
+    python_jar = archive("with-python.jar", {"pyspark/__init__.py": b""})
+    site = str(Path(pyspark.__file__).parent.parent)
+    path = [same, other, unknown, jar, python_jar, site]
+    assert prefer_installed_copies(path) == [other, unknown, python_jar, site]

@@ -124,3 +124,17 @@ def test_a_version_number_given_as_a_number_is_a_model_reference():
     assert load_settings(overrides=["model.ref=3"]).model.ref == "3"
     with pytest.raises(ConfigError, match=r"model\.ref"):
         load_settings(overrides=["model.ref=true"])
+
+
+def test_the_kafka_consumers_fetch_wait_is_the_setting_and_an_explicit_option_wins():
+    """``source.kafka.fetch_max_wait_ms`` becomes the consumers' ``fetch.max.wait.ms`` (stream and
+    backfill read through the same options); a ``kafka.fetch.max.wait.ms`` in ``options`` wins."""
+    from streamscore.scoring.io import kafka_options
+
+    assert kafka_options(load_settings().source.kafka)["kafka.fetch.max.wait.ms"] == "10"
+    tuned = load_settings(overrides=["source.kafka.fetch_max_wait_ms=100"])
+    assert kafka_options(tuned.source.kafka)["kafka.fetch.max.wait.ms"] == "100"
+    explicit = load_settings(overrides={"source": {"kafka": {"options": {"kafka.fetch.max.wait.ms": "250"}}}})
+    assert kafka_options(explicit.source.kafka)["kafka.fetch.max.wait.ms"] == "250"
+    with pytest.raises(ConfigError, match="fetch_max_wait_ms"):
+        load_settings(overrides=["source.kafka.fetch_max_wait_ms=-1"])

@@ -122,6 +122,29 @@ class SourceSettings(_Section):
         return self
 
 
+class KafkaSink(_Section):
+    """Scored events as Kafka messages, beside the Delta tables (``topic`` unset: no Kafka output).
+    Connection and credentials as the source's (``bootstrap_servers`` unset: the source's broker)."""
+
+    topic: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,249}$")
+    dead_letter_topic: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,249}$")
+    bootstrap_servers: str | None = None
+    value_format: Literal["json"] = "json"  # room for avro
+    options: dict[str, str] = {}  # extra producer options (kafka.*), e.g. {"kafka.compression.type": "lz4"}
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    security_protocol: Literal["SASL_SSL", "SASL_PLAINTEXT"] = "SASL_SSL"  # with SASL credentials
+
+    @model_validator(mode="after")
+    def _dead_letters_need_the_topic(self) -> KafkaSink:
+        if self.dead_letter_topic is not None and self.topic is None:
+            raise ValueError("sink.kafka.dead_letter_topic needs sink.kafka.topic (the scored events' topic)")
+        if self.dead_letter_topic is not None and self.dead_letter_topic == self.topic:
+            raise ValueError("sink.kafka.dead_letter_topic must differ from sink.kafka.topic")
+        return self
+
+
 class SinkSettings(_Section):
     output_table: TableName | None = None  # a catalog name (schema.table, catalog.schema.table) ...
     dead_letter_table: TableName | None = None
@@ -131,6 +154,7 @@ class SinkSettings(_Section):
     app_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # in Delta txn ids, names
     warm_snapshots: bool = True  # read the tables' Delta state between batches, not inside each write
     change_data_feed: bool = True  # tables the job creates record row changes (delta.enableChangeDataFeed)
+    kafka: KafkaSink = KafkaSink()
 
     @model_validator(mode="after")
     def _name_or_path(self) -> SinkSettings:

@@ -41,13 +41,44 @@ def kafka_options(kafka: Any) -> dict[str, str]:
         "failOnDataLoss": str(kafka.fail_on_data_loss).lower(),
         "kafka.fetch.max.wait.ms": str(kafka.fetch_max_wait_ms),
     }
-    if kafka.sasl_password is not None:
-        module = _LOGIN_MODULES[kafka.sasl_mechanism]
-        user, password = _jaas_quote(kafka.sasl_username or ""), _jaas_quote(kafka.sasl_password.get_secret_value())
-        opts["kafka.sasl.jaas.config"] = f"{module} required username={user} password={password};"
-        opts["kafka.sasl.mechanism"] = kafka.sasl_mechanism
-        opts["kafka.security.protocol"] = kafka.security_protocol
+    opts.update(_sasl_options(kafka))
     opts.update(kafka.options)  # explicit options win
+    return opts
+
+
+def _sasl_options(kafka: Any) -> dict[str, str]:
+    """The SASL login of a source's or sink's settings (none without a password)."""
+    if kafka.sasl_password is None:
+        return {}
+    module = _LOGIN_MODULES[kafka.sasl_mechanism]
+    user, password = _jaas_quote(kafka.sasl_username or ""), _jaas_quote(kafka.sasl_password.get_secret_value())
+    return {
+        "kafka.sasl.jaas.config": f"{module} required username={user} password={password};",
+        "kafka.sasl.mechanism": kafka.sasl_mechanism,
+        "kafka.security.protocol": kafka.security_protocol,
+    }
+
+
+def kafka_sink_options(settings: Settings) -> dict[str, str]:
+    """Spark Kafka writer options for ``sink.kafka``. Without ``bootstrap_servers`` the sink writes
+    to the source's broker, and then, unless it has a login of its own, with the source's login and
+    the source's ``kafka.*`` options (a broker's TLS settings are the same for both directions)."""
+    sink, source = settings.sink.kafka, settings.source
+    opts: dict[str, str] = {}
+    if sink.bootstrap_servers is None:
+        if source.kind != "kafka":
+            raise SinkError(
+                "sink.kafka.topic is set but sink.kafka.bootstrap_servers is not, and the source is not Kafka: "
+                "set sink.kafka.bootstrap_servers"
+            )
+        opts["kafka.bootstrap.servers"] = source.kafka.bootstrap_servers
+        if sink.sasl_password is None:
+            opts.update(_sasl_options(source.kafka))
+            opts.update({k: v for k, v in source.kafka.options.items() if k.startswith("kafka.")})
+    else:
+        opts["kafka.bootstrap.servers"] = sink.bootstrap_servers
+    opts.update(_sasl_options(sink))
+    opts.update(sink.options)  # explicit options win
     return opts
 
 
@@ -416,6 +447,46 @@ class Sink(Protocol):
 
     def write(self, df: DataFrame, batch_id: int, rows: int | None) -> None:
         """Write ``df`` (``rows`` rows, None: not counted yet) as batch/chunk ``batch_id``."""
+
+
+class KafkaTopics:
+    """Scored events (and, with a dead-letter topic, dead letters) as Kafka messages, written by
+    Spark's Kafka writer: at least once, each message carrying an identity that a replay repeats
+    (:func:`streamscore.scoring.transform.kafka_messages`)."""
+
+    def __init__(
+        self, options: dict[str, str], topic: str, dead_letter_topic: str | None = None, backfill_id: str | None = None
+    ):
+        self.options = options
+        self.topic = topic
+        self.dead_letter_topic = dead_letter_topic
+        self.backfill_id = backfill_id  # messages a backfill writes say so (a header)
+
+    def write(self, messages: DataFrame, topic: str) -> None:
+        try:
+            messages.write.format("kafka").options(**self.options).option("topic", topic).save()
+        except Exception as e:
+            text = str(e)
+            if "RecordTooLargeException" in text or "MESSAGE_TOO_LARGE" in text or "too large" in text.lower():
+                raise SinkError(
+                    f"a message for Kafka topic {topic!r} is larger than the producer or the broker accepts "
+                    "(nothing of this batch is acknowledged; it is written again at the next start): raise "
+                    "sink.kafka.options kafka.max.request.size and the topic's max.message.bytes, or lower "
+                    f"source.max_message_bytes so that such events are dead-lettered on input ({text[:300]})"
+                ) from e
+            raise
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, topic: str | None = None, backfill_id: str | None = None
+    ) -> KafkaTopics | None:
+        """``sink.kafka`` (``topic``: another topic, e.g. a backfill's ``--kafka-topic``); None
+        without a topic."""
+        sink = settings.sink.kafka
+        topic = topic or sink.topic
+        if topic is None:
+            return None
+        return cls(kafka_sink_options(settings), topic, sink.dead_letter_topic, backfill_id)
 
 
 class IdempotentAppend:

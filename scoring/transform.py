@@ -81,3 +81,69 @@ def dead_letter_rows(results: DataFrame) -> DataFrame:
     return results.where("NOT ok").select(
         *[renamed.get(f.name, F.col(f.name)).alias(f.name) for f in schema.DEAD_LETTER.fields]
     )
+
+
+# -- Kafka messages ----------------------------------------------------------------------------
+HEADER_MODEL_NAME = "streamscore.model_name"
+HEADER_MODEL_VERSION = "streamscore.model_version"
+HEADER_MESSAGE_ID = "streamscore.message_id"
+HEADER_BACKFILL = "streamscore.backfill"  # on messages a backfill wrote: its backfill id
+HEADER_KIND = "streamscore.kind"  # scored | dead_letter
+
+
+def message_id() -> Column:
+    """A message's identity, the same when a batch is written again after a crash: the version that
+    scored it, the batch, and where the event came from (topic, partition, offset; for a Delta
+    source, which has no offsets: the table and the event id)."""
+    where = F.when(
+        F.col("source_offset").isNotNull(),
+        F.concat_ws(":", F.col("source_partition").cast("string"), F.col("source_offset").cast("string")),
+    ).otherwise(F.coalesce(F.col("event_id"), F.lit("")))
+    return F.concat_ws(
+        ":", F.col("model_version"), F.col("batch_id").cast("string"), F.coalesce(F.col("source"), F.lit("")), where
+    )
+
+
+def _headers(kind: str, backfill_id: str | None) -> Column:
+    pairs = [
+        (HEADER_KIND, F.lit(kind)),
+        (HEADER_MODEL_NAME, F.col("model_name")),
+        (HEADER_MODEL_VERSION, F.col("model_version")),
+        (HEADER_MESSAGE_ID, F.col("message_id")),
+    ]
+    if backfill_id is not None:
+        pairs.append((HEADER_BACKFILL, F.lit(backfill_id)))
+    return F.array(
+        *[F.struct(F.lit(k).alias("key"), F.encode(F.coalesce(v, F.lit("")), "UTF-8").alias("value")) for k, v in pairs]
+    )
+
+
+def kafka_messages(scored: DataFrame, spec: InputSpec, backfill_id: str | None = None) -> DataFrame:
+    """One message per scored row (``key``, ``value``, ``headers``, as Spark's Kafka writer takes
+    them): key = the event id, so a partitioned consumer sees an event's replays in order; value =
+    JSON of the event id and time, every model output, the lineage and the source coordinates, and
+    the message id (:func:`message_id`)."""
+    outputs = [o.name for o in spec.output_list]
+    fields = [
+        "event_id",
+        "event_time",
+        *outputs,
+        *schema.names(schema.LINEAGE),
+        *COORDINATES,
+    ]
+    with_id = scored.withColumn("message_id", message_id())
+    value = F.to_json(F.struct(*[F.col(f"`{n}`") for n in fields], F.col("message_id")))
+    return with_id.select(
+        F.col("event_id").alias("key"), value.alias("value"), _headers("scored", backfill_id).alias("headers")
+    )
+
+
+def kafka_dead_letters(dead: DataFrame, backfill_id: str | None = None) -> DataFrame:
+    """One message per dead letter: the payload as text, the reason, the coordinates and the
+    version that read it; keyed by the message id (a dead letter has no trusted event id)."""
+    with_id = dead.withColumn("event_id", F.lit(None).cast("string")).withColumn("message_id", message_id())
+    fields = [f.name for f in schema.DEAD_LETTER.fields]
+    value = F.to_json(F.struct(*[F.col(n) for n in fields], F.col("message_id")))
+    return with_id.select(
+        F.col("message_id").alias("key"), value.alias("value"), _headers("dead_letter", backfill_id).alias("headers")
+    )

@@ -7,7 +7,10 @@ crash is hardest to recover from:
 
 * ``after-ledger-write``: the batch's version is in the ledger, nothing is written yet;
 * ``between-writes``: the scored rows are committed to Delta, the dead letters are not;
-* ``after-writes``: both tables are committed, the checkpoint does not know the batch is done.
+* ``before-kafka-write``: both tables are committed, no message of the batch is written (with
+  ``sink.kafka.topic``);
+* ``after-writes``: both tables (and the batch's messages) are committed, the checkpoint does not
+  know the batch is done.
 
 Without the variable (always, outside the tests) a point costs one comparison. The armed point is
 read from the environment once per process, on purpose: a failpoint sits deep inside a batch, where
@@ -23,7 +26,7 @@ from collections import Counter
 
 log = logging.getLogger(__name__)
 
-POINTS = ("after-ledger-write", "between-writes", "after-writes")
+POINTS = ("after-ledger-write", "between-writes", "before-kafka-write", "after-writes")
 _SPEC = os.environ.get("STREAMSCORE_FAILPOINT", "")
 _reached: Counter[str] = Counter()
 

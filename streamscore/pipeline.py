@@ -26,9 +26,9 @@ from pyspark.sql import functions as F
 
 from streamscore.deadline import run_within
 from streamscore.faults import failpoint
-from streamscore.scoring.io import Sink
+from streamscore.scoring.io import KafkaTopics, Sink
 from streamscore.scoring.spec import InputSpec
-from streamscore.scoring.transform import dead_letter_rows, score, scored_rows
+from streamscore.scoring.transform import dead_letter_rows, kafka_dead_letters, kafka_messages, score, scored_rows
 from streamscore.scoring.udf import ModelHandle
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class Outcome:
 class Sinks:
     scored: Sink
     dead_letter: Sink
+    kafka: KafkaTopics | None = None  # scored events (and dead letters) as messages too
 
 
 def score_and_write(
@@ -87,6 +88,8 @@ def score_and_write(
         t_write = time.time()
         failpoint("between-writes")
         sinks.dead_letter.write(dead_letter_rows(results), batch_id, dead)
+        if sinks.kafka is not None:
+            _write_messages(sinks.kafka, results, spec, scored, dead)
         failpoint("after-writes")
         if inspect is not None:
             inspect(results, scored)
@@ -94,6 +97,18 @@ def score_and_write(
     finally:
         results.unpersist()
     return Outcome(scored, dead, t_write - t0, t_done - t_write)
+
+
+def _write_messages(topics: KafkaTopics, results: DataFrame, spec: InputSpec, scored: int, dead: int) -> None:
+    """The batch's messages, after both tables: written whether or not Delta skipped the tables'
+    writes as already done (a replay), so a crash anywhere before the checkpoint records the batch
+    leaves its messages written at least once, with the same identities (at least once: a replay
+    whose messages were already written writes them again)."""
+    failpoint("before-kafka-write")
+    if scored:
+        topics.write(kafka_messages(scored_rows(results, spec), spec, topics.backfill_id), topics.topic)
+    if dead and topics.dead_letter_topic is not None:
+        topics.write(kafka_dead_letters(dead_letter_rows(results), topics.backfill_id), topics.dead_letter_topic)
 
 
 def _outcome_counts() -> tuple[Column, Column]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from streamscore.errors import SourceError, StreamscoreError
+from streamscore.errors import SinkError, SourceError, StreamscoreError
 
 if TYPE_CHECKING:
     from streamscore.conf.settings import Settings
@@ -38,6 +38,7 @@ class ModelUnavailable(StreamscoreError):
 def check_stream_services(settings: Settings) -> None:
     if settings.source.kind == "kafka":
         check_kafka(settings)
+    check_kafka_sink(settings)
     check_tracking(settings)
     check_model(settings)
     check_catalog(settings)
@@ -70,8 +71,13 @@ def librdkafka_config(settings: Settings) -> dict[str, Any] | None:
     """The source's client settings for librdkafka, or None when they cannot be translated (Java-only
     options such as a JAAS config: the broker check is then left to Spark)."""
     k = settings.source.kafka
-    conf: dict[str, Any] = {"bootstrap.servers": k.bootstrap_servers, "logger": _client_log}
-    for key, value in k.options.items():
+    return _librdkafka(k.bootstrap_servers, k.options, k)
+
+
+def _librdkafka(bootstrap: str, options: dict[str, str], login: Any) -> dict[str, Any] | None:
+    k = login
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _client_log}
+    for key, value in options.items():
         if not key.startswith("kafka."):
             continue
         name = key[len("kafka.") :]
@@ -89,6 +95,40 @@ def librdkafka_config(settings: Settings) -> dict[str, Any] | None:
         )
         conf.setdefault("security.protocol", k.security_protocol)
     return conf
+
+
+def check_kafka_sink(settings: Settings) -> None:
+    """With ``sink.kafka.topic``: the output broker answers and the topics exist (Spark's writer would
+    otherwise wait for a missing topic's metadata for a minute, in the first batch)."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    sink, source = settings.sink.kafka, settings.source.kafka
+    if sink.topic is None:
+        return
+    inherit = sink.bootstrap_servers is None
+    bootstrap = source.bootstrap_servers if inherit else str(sink.bootstrap_servers)
+    own_login = sink.sasl_password is not None
+    options = {**(source.options if inherit and not own_login else {}), **sink.options}
+    conf = _librdkafka(bootstrap, options, sink if own_login or not inherit else source)
+    if conf is None:
+        log.info("pre-flight: Kafka sink options need the Java client; broker check left to Spark")
+        return
+    timeout = settings.app.preflight_timeout_s
+    try:
+        topics = AdminClient(conf).list_topics(timeout=timeout).topics
+    except KafkaException as e:
+        raise SinkError(
+            f"Kafka broker at {bootstrap} (sink.kafka) did not answer within {timeout:g}s ({e.args[0].str()}); "
+            "check sink.kafka.bootstrap_servers and its login"
+        ) from None
+    for key, topic in (("topic", sink.topic), ("dead_letter_topic", sink.dead_letter_topic)):
+        if topic is not None and topic not in topics:
+            raise SinkError(
+                f"Kafka topic {topic!r} (sink.kafka.{key}) does not exist on {bootstrap}; create it "
+                f"(kafka-topics.sh --create) or fix sink.kafka.{key}"
+            )
+    log.info("pre-flight: Kafka sink broker %s answers, topic %s exists", bootstrap, sink.topic)
 
 
 def check_kafka(settings: Settings) -> None:

@@ -258,7 +258,11 @@ class ScoringStream:
             _warn_if_new_checkpoint_on_old_tables(spark, settings)
         app_id = delta_app_id(settings, self.query_id)
         tables = [settings.output_table, settings.dead_letter_table]
-        sinks = Sinks(sio.IdempotentAppend(tables[0], app_id), sio.IdempotentAppend(tables[1], app_id + "-dead-letter"))
+        sinks = Sinks(
+            sio.IdempotentAppend(tables[0], app_id),
+            sio.IdempotentAppend(tables[1], app_id + "-dead-letter"),
+            sio.KafkaTopics.from_settings(settings),
+        )
         recent = RecentSample()
         self.watcher = build_watcher(
             settings, spark, ctx.client, open_ledger(settings, spark), recent.rows, ctx.tracker

@@ -297,3 +297,32 @@ def register_sklearn(name: str, model, X: pd.DataFrame, alias: str | None = None
     if alias:
         MlflowClient().set_registered_model_alias(name, alias, version)
     return version
+
+
+def read_topic(bootstrap: str, topic: str) -> list:
+    """Every message of ``topic``, as a read_committed consumer sees it."""
+    from confluent_kafka import Consumer
+
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": unique("check"),
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+        }
+    )
+    c.subscribe([topic])
+    out, idle = [], 0
+    try:
+        while idle < 4:
+            m = c.poll(1.0)
+            if m is None:
+                idle += 1
+                continue
+            assert m.error() is None, m.error()
+            out.append(m)
+            idle = 0
+    finally:
+        c.close()
+    return out

@@ -5,12 +5,14 @@ the job cannot be mirrored on the broker side), and the job must log in with it,
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from streamscore.demo import ensure_topic, produce_events, train_and_register
 from streamscore.streaming import run_stream
+from tests.helpers import read_topic, unique
 
 pytestmark = pytest.mark.integration
 
@@ -42,19 +44,25 @@ def test_the_stream_logs_in_with_a_password_that_needs_quoting(spark, make_setti
         "security_protocol": "SASL_PLAINTEXT",
         "sasl_mechanism": "PLAIN",
     }
+    out_topic = unique("scored-sasl")
     s = make_settings(
         trigger={"available_now": True},
         app={"preflight_timeout_s": 10},
         source={"kafka": {**sasl, "sasl_password": PASSWORD}},
+        # the scored events back to the same broker with a login of the sink's own (sink.kafka)
+        sink={"kafka": {**sasl, "sasl_password": PASSWORD, "topic": out_topic}},
     )
     train_and_register(s.model.name, "v1", alias="champion")
     topic = s.source.kafka.topic
-    ensure_topic(sasl_broker.address, topic)  # set up through the plain listener
+    for t in (topic, out_topic):
+        ensure_topic(sasl_broker.address, t)  # set up through the plain listener
     sent = produce_events(sasl_broker.address, topic, 120, malformed_every=30, prefix="sasl")
 
     summary = run_stream(s)
     assert (summary["rows_in"], summary["rows_scored"]) == (120, sent.valid)
     assert PASSWORD not in str(summary)
+    scored = [json.loads(m.value())["event_id"] for m in read_topic(sasl_broker.address, out_topic)]
+    assert sorted(scored) == sorted(sent.valid_ids)
 
     wrong = make_settings(
         s.model.name,
@@ -72,7 +80,6 @@ def test_no_secret_appears_in_anything_a_run_leaves(make_settings, sasl_broker, 
     """A real job (the command, in its own process) with every kind of secret configured, from the
     environment and from files: the console, the log files, the tables and checkpoint, and both
     tracking runs (params, tags, artifacts) are searched for each of them."""
-    import json
     import os
     import subprocess
 

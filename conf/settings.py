@@ -807,6 +807,8 @@ class BackfillRequest(_Section):
     dead_letter_path: str | None = None  # default: <home>/tables/backfill_dead_letter
     output_table: TableName | None = None  # a catalog name instead of output_path
     dead_letter_table: TableName | None = None
+    # the scored rows as Kafka messages too (sink.kafka's broker and login), marked as a backfill's
+    kafka_topic: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,249}$")
 
     @model_validator(mode="after")
     def _name_or_path(self) -> BackfillRequest:

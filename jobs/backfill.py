@@ -41,6 +41,12 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--dead-letter", help="dead-letter Delta table (default <home>/tables/backfill_dead_letter)")
     p.add_argument("--output-table", metavar="NAME", help="output table by catalog name, instead of --output")
     p.add_argument("--dead-letter-table", metavar="NAME", help="dead-letter table by catalog name")
+    p.add_argument(
+        "--kafka-topic",
+        metavar="TOPIC",
+        help="also send the scored rows to this Kafka topic (sink.kafka's broker and login, header "
+        "streamscore.backfill)",
+    )
     return p
 
 
@@ -73,6 +79,7 @@ def request_from_args(args: argparse.Namespace) -> BackfillRequest:
         dead_letter_path=args.dead_letter,
         output_table=args.output_table,
         dead_letter_table=args.dead_letter_table,
+        kafka_topic=args.kafka_topic,
     )
 
 

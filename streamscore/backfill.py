@@ -170,9 +170,13 @@ class BackfillRun:
     def _score_chunks(self, other: ModelHandle | None) -> list[pd.DataFrame]:
         """Score chunk by chunk (stopping early on SIGTERM); returns (base, other) prediction pairs."""
         chunks = self.request.chunks
+        topic = self.request.kafka_topic
         sinks = Sinks(
             sio.SliceWriter(self.out_table, schema.BACKFILL_ID.name, self.backfill_id),
             sio.SliceWriter(self.dead_table, schema.BACKFILL_ID.name, self.backfill_id),
+            None
+            if topic is None
+            else sio.KafkaTopics(sio.kafka_sink_options(self.settings), topic, None, self.backfill_id),
         )
         events = _read_input(self.ctx.spark, self.settings, self.request)
         events = events.withColumn("_chunk", F.pmod(F.xxhash64(schema.VALUE), F.lit(chunks)))

@@ -16,6 +16,8 @@ from mlflow import MlflowClient
 from streamscore.backfill import run_backfill
 from streamscore.conf.settings import BackfillRequest
 from streamscore.demo import FEATURES, ensure_topic, iris_frame, produce_events, train_and_register
+from streamscore.scoring.transform import HEADER_BACKFILL
+from tests.helpers import read_topic, unique
 
 pytestmark = pytest.mark.integration
 
@@ -126,11 +128,19 @@ def test_kafka_offset_range(spark, make_settings, tmp_path):
     sent = produce_events(k.bootstrap_servers, k.topic, 100, malformed_every=10, prefix="k")
     rng = {"kind": "kafka", "starting": json.dumps({k.topic: {"0": 20}}), "ending": json.dumps({k.topic: {"0": 60}})}
     out, dead = str(tmp_path / "ko"), str(tmp_path / "kd")
-    summary = _backfill(s, rng, output_path=out, dead_letter_path=dead)
+    topic = unique("backfilled")
+    ensure_topic(k.bootstrap_servers, topic)
+    summary = _backfill(s, rng, output_path=out, dead_letter_path=dead, kafka_topic=topic)
     assert summary["rows_in"] == 40 and summary["rows_dead_lettered"] == 4
     rows = spark.read.format("delta").load(out).toPandas()
     assert sorted(rows["source_offset"]) == [o for o in range(20, 60) if o % 10 != 9]
     assert set(rows["event_id"]) <= set(sent.valid_ids) and rows["event_id"].is_unique
+    # --kafka-topic: the scored rows as messages too, each marked as this backfill's
+    messages = read_topic(k.bootstrap_servers, topic)
+    values = [json.loads(m.value()) for m in messages]
+    assert sorted(v["source_offset"] for v in values) == sorted(rows["source_offset"])
+    assert {v["prediction"] for v in values} <= set(rows["prediction"])
+    assert {dict(m.headers())[HEADER_BACKFILL].decode() for m in messages} == set(rows["backfill_id"])
     _backfill(s, rng, output_path=out, dead_letter_path=dead)
     assert len(spark.read.format("delta").load(out).toPandas()) == 36
 

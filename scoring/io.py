@@ -449,6 +449,9 @@ class Sink(Protocol):
         """Write ``df`` (``rows`` rows, None: not counted yet) as batch/chunk ``batch_id``."""
 
 
+RECORD_OVERHEAD = 128  # bytes a record batch adds around one record (v2 batch header and record framing)
+
+
 class KafkaTopics:
     """Scored events (and, with a dead-letter topic, dead letters) as Kafka messages, written by
     Spark's Kafka writer: at least once, each message carrying an identity that a replay repeats
@@ -480,13 +483,26 @@ class KafkaTopics:
     def from_settings(
         cls, settings: Settings, topic: str | None = None, backfill_id: str | None = None
     ) -> KafkaTopics | None:
-        """``sink.kafka`` (``topic``: another topic, e.g. a backfill's ``--kafka-topic``); None
-        without a topic."""
+        """``sink.kafka``, or a backfill's ``--kafka-topic`` (``topic``, with ``backfill_id``: no
+        dead-letter topic, the backfill keeps its dead letters in its table); None without a topic.
+
+        The producer's largest request (``kafka.max.request.size``, unless ``options`` set it) is
+        the topics' ``max.message.bytes`` less a record's overhead: the producer then refuses a
+        message the broker would refuse at once, in the batch's write (Kafka's Java producer, given
+        a single record the broker refuses as too large, splits and resends it without end)."""
+        from streamscore.preflight import topic_message_limit
+
         sink = settings.sink.kafka
+        dead_letter_topic = None if topic is not None else sink.dead_letter_topic
         topic = topic or sink.topic
         if topic is None:
             return None
-        return cls(kafka_sink_options(settings), topic, sink.dead_letter_topic, backfill_id)
+        options = kafka_sink_options(settings)
+        if "kafka.max.request.size" not in options:
+            limit = topic_message_limit(settings, [t for t in (topic, dead_letter_topic) if t])
+            if limit is not None:
+                options["kafka.max.request.size"] = str(max(limit - RECORD_OVERHEAD, 1))
+        return cls(options, topic, dead_letter_topic, backfill_id)
 
 
 class IdempotentAppend:

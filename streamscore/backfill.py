@@ -174,9 +174,7 @@ class BackfillRun:
         sinks = Sinks(
             sio.SliceWriter(self.out_table, schema.BACKFILL_ID.name, self.backfill_id),
             sio.SliceWriter(self.dead_table, schema.BACKFILL_ID.name, self.backfill_id),
-            None
-            if topic is None
-            else sio.KafkaTopics(sio.kafka_sink_options(self.settings), topic, None, self.backfill_id),
+            None if topic is None else sio.KafkaTopics.from_settings(self.settings, topic, self.backfill_id),
         )
         events = _read_input(self.ctx.spark, self.settings, self.request)
         events = events.withColumn("_chunk", F.pmod(F.xxhash64(schema.VALUE), F.lit(chunks)))

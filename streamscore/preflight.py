@@ -97,20 +97,49 @@ def _librdkafka(bootstrap: str, options: dict[str, str], login: Any) -> dict[str
     return conf
 
 
+def _sink_client(settings: Settings) -> tuple[str, dict[str, Any] | None]:
+    """The Kafka sink's broker and its librdkafka settings (None: options only the Java client has)."""
+    sink, source = settings.sink.kafka, settings.source.kafka
+    inherit = sink.bootstrap_servers is None
+    bootstrap = source.bootstrap_servers if inherit else str(sink.bootstrap_servers)
+    own_login = sink.sasl_password is not None
+    options = {**(source.options if inherit and not own_login else {}), **sink.options}
+    return bootstrap, _librdkafka(bootstrap, options, sink if own_login or not inherit else source)
+
+
+def topic_message_limit(settings: Settings, topics: list[str]) -> int | None:
+    """The smallest ``max.message.bytes`` of ``topics`` (the broker's default where a topic sets
+    none), or None when it cannot be read (a Java-only option, no answer, no permission)."""
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    _, conf = _sink_client(settings)
+    if conf is None:
+        return None
+    try:
+        admin = AdminClient(conf)
+        resources = [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics]
+        limits = []
+        for future in admin.describe_configs(resources).values():
+            entry = future.result(timeout=settings.app.preflight_timeout_s).get("max.message.bytes")
+            if entry is None or entry.value is None:
+                return None
+            limits.append(int(entry.value))
+        return min(limits) if limits else None
+    except Exception as e:  # noqa: BLE001 - without it the producer's own limit applies
+        log.info("Kafka sink: the topics' max.message.bytes could not be read (%s: %s)", type(e).__name__, e)
+        return None
+
+
 def check_kafka_sink(settings: Settings) -> None:
     """With ``sink.kafka.topic``: the output broker answers and the topics exist (Spark's writer would
     otherwise wait for a missing topic's metadata for a minute, in the first batch)."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    sink, source = settings.sink.kafka, settings.source.kafka
+    sink = settings.sink.kafka
     if sink.topic is None:
         return
-    inherit = sink.bootstrap_servers is None
-    bootstrap = source.bootstrap_servers if inherit else str(sink.bootstrap_servers)
-    own_login = sink.sasl_password is not None
-    options = {**(source.options if inherit and not own_login else {}), **sink.options}
-    conf = _librdkafka(bootstrap, options, sink if own_login or not inherit else source)
+    bootstrap, conf = _sink_client(settings)
     if conf is None:
         log.info("pre-flight: Kafka sink options need the Java client; broker check left to Spark")
         return

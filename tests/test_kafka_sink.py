@@ -166,3 +166,32 @@ def test_a_kill_around_the_kafka_write_leaves_every_event_on_the_topic_with_one_
     assert set(copies.index) == set(table["message_id"])  # deduplicated by identity: the table, exactly
     dead = _messages(read_topic(k.bootstrap_servers, str(sink.dead_letter_topic)))
     assert set(dead["message_id"]) and len(set(dead["message_id"])) == sent.malformed
+
+
+@pytest.mark.timeout(300)  # the failure this guards against was a write that never returned
+def test_a_message_larger_than_the_topic_takes_fails_the_batch_naming_the_fix(spark, make_settings):
+    """The topic takes messages of at most 1,500 bytes; an event whose scored message is larger (a
+    long event id) stops the stream with the reason, never dropping the message: the batch stays
+    unacknowledged and is written again at the next start."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from streamscore.errors import JobFailed
+
+    s = _settings(make_settings)
+    k = s.source.kafka
+    admin = AdminClient({"bootstrap.servers": k.bootstrap_servers})
+    small = unique("small")
+    admin.create_topics([NewTopic(small, 1, 1, config={"max.message.bytes": "1500"})])[small].result(30)
+    s = make_settings(
+        s.model.name,
+        source={"kafka": {"topic": k.topic}},
+        sink={"checkpoint_path": s.checkpoint_path, "kafka": {"topic": small}},
+        trigger={"available_now": True},
+    )
+    train_and_register(s.model.name, "v1", alias="champion")
+    produce_events(k.bootstrap_servers, k.topic, 20, prefix="x" * 2000)
+    with pytest.raises(JobFailed) as info:
+        run_stream(s)
+    error = info.value.summary["error"]
+    assert "larger than the producer or the broker accepts" in error and "max.message.bytes" in error, error
+    assert read_topic(k.bootstrap_servers, small) == []

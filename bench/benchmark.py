@@ -300,14 +300,20 @@ class Bench:
         runs = [("streamscore", self.model)]
         if self.sizes.peers:
             runs += [("streamscore_identity_model", self.identity), ("streamscore_spark_ml", self.sparkml)]
+            runs += [("streamscore_kafka_out", self.model)]  # the same job with the Kafka sink too
         for label, model in runs:
             overrides, table = self.stream_overrides(label, topic, model)
+            out_topic = self.topic("scores") if label == "streamscore_kafka_out" else None
+            if out_topic is not None:
+                overrides.append(f"sink.kafka.topic={out_topic}")
             if self.sizes.batch_events:
                 overrides.append(f"source.kafka.max_offsets_per_trigger={self.sizes.batch_events}")
             job = Job(self, label, ["stream", "--available-now"], overrides)
             summary = job.summary()
             commits = delta_commits(table)
             assert sum(c.rows for c in commits) == summary["rows_scored"] == n, (label, summary)
+            if out_topic is not None:  # every scored row is a message (no crash here: exactly once)
+                assert _messages_on(self.kafka, out_topic) == n, label
             res[label] = {
                 "rows_per_s": _r(committed_rate(commits), 0),
                 "batches": summary["batches"],
@@ -325,6 +331,7 @@ class Bench:
             res["ratio_vs_identity_model"] = _r(ours / (res["streamscore_identity_model"]["rows_per_s"] or 1))
             res["ratio_vs_spark_udf_by_hand"] = _r(ours / (res["spark_udf_by_hand"]["rows_per_s"] or 1))
             res["ratio_spark_ml_vs_pyfunc"] = _r((res["streamscore_spark_ml"]["rows_per_s"] or 0) / (ours or 1))
+            res["ratio_kafka_out_vs_delta_only"] = _r((res["streamscore_kafka_out"]["rows_per_s"] or 0) / (ours or 1))
         return res
 
     def handwritten(self, topic: str, n: int) -> dict[str, Any]:
@@ -611,6 +618,18 @@ class Bench:
         }
 
 
+def _messages_on(bootstrap: str, topic: str) -> int:
+    """How many messages ``topic`` holds (the sum of its partitions' high watermarks)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-count-{time.time_ns()}"})
+    try:
+        parts = c.list_topics(topic, timeout=30).topics[topic].partitions
+        return sum(c.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in parts)
+    finally:
+        c.close()
+
+
 def _rows_committed(table: Path, rows: int) -> bool:
     return sum(c.rows for c in delta_commits(table)) >= rows
 
@@ -695,6 +714,11 @@ def markdown(results: dict[str, Any], machine: str) -> str:
                     "Kafka -> Delta, Spark ML pipeline of the same classifier (scored natively)",
                     _n(t["streamscore_spark_ml"]["rows_per_s"], " rows/s"),
                     f"{t['ratio_spark_ml_vs_pyfunc']}x the pyfunc demo model",
+                ),
+                (
+                    "Kafka -> Delta and Kafka (sink.kafka.topic), demo model",
+                    _n(t["streamscore_kafka_out"]["rows_per_s"], " rows/s"),
+                    f"{t['ratio_kafka_out_vs_delta_only']}x Kafka -> Delta alone",
                 ),
             ]
         rows += [

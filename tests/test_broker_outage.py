@@ -9,16 +9,14 @@ import time
 import pytest
 
 from streamscore.demo import ensure_topic, produce_events, train_and_register
-from tests.helpers import StreamThread, wait_for
+from tests.helpers import StreamThread, private_broker, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def own_broker(home):
-    from streamscore.infra.services import KafkaService, start_on_free_ports
-
-    broker = start_on_free_ports(lambda p: KafkaService(home / "outage-broker", p[0], p[1]), 2)
+    broker = private_broker(home, "outage-broker")
     yield broker
     broker.stop()
 

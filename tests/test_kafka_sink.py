@@ -16,7 +16,7 @@ import pytest
 from streamscore.demo import FEATURES, ensure_topic, produce_events, train_and_register
 from streamscore.scoring.transform import HEADER_KIND, HEADER_MESSAGE_ID, HEADER_MODEL_NAME, HEADER_MODEL_VERSION
 from streamscore.streaming import run_stream
-from tests.helpers import read_topic, run_until_failpoint, stream_command, unique
+from tests.helpers import private_broker, read_topic, run_until_failpoint, stream_command, unique
 
 pytestmark = pytest.mark.integration
 
@@ -199,9 +199,7 @@ def test_a_message_larger_than_the_topic_takes_fails_the_batch_naming_the_fix(sp
 
 @pytest.fixture
 def output_broker(home):
-    from streamscore.infra.services import KafkaService, start_on_free_ports
-
-    broker = start_on_free_ports(lambda p: KafkaService(home / "output-broker", p[0], p[1]), 2)
+    broker = private_broker(home, "output-broker")
     yield broker
     broker.stop()
 

@@ -15,7 +15,13 @@ from streamscore.conf.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = [name for name, f in Settings.model_fields.items() if isinstance(f.default, BaseModel)]
-FREE_FORM = {"spark.conf", "source.kafka.options", "sink.kafka.options", "databricks.spark_conf", "databricks.env"}  # maps, not sections
+FREE_FORM = {
+    "spark.conf",
+    "source.kafka.options",
+    "sink.kafka.options",
+    "databricks.spark_conf",
+    "databricks.env",
+}  # maps, not sections
 
 
 def model_defaults() -> dict[str, Any]:

@@ -59,27 +59,31 @@ def _sasl_options(kafka: Any) -> dict[str, str]:
     }
 
 
-def kafka_sink_options(settings: Settings) -> dict[str, str]:
-    """Spark Kafka writer options for ``sink.kafka``. Without ``bootstrap_servers`` the sink writes
-    to the source's broker, and then, unless it has a login of its own, with the source's login and
-    the source's ``kafka.*`` options (a broker's TLS settings are the same for both directions)."""
+def kafka_sink_connection(settings: Settings) -> tuple[str, Any, dict[str, str]]:
+    """Where ``sink.kafka`` writes: its broker, the settings whose SASL login it uses, and its
+    ``kafka.*`` options. Without ``bootstrap_servers`` the sink writes to the source's broker, and
+    then, unless it has a login of its own, with the source's login and the source's ``kafka.*``
+    options (a broker's TLS settings are the same for both directions). One rule for the job's
+    writer (:func:`kafka_sink_options`) and the start-up checks (librdkafka)."""
     sink, source = settings.sink.kafka, settings.source
-    opts: dict[str, str] = {}
-    if sink.bootstrap_servers is None:
-        if source.kind != "kafka":
-            raise SinkError(
-                "sink.kafka.topic is set but sink.kafka.bootstrap_servers is not, and the source is not Kafka: "
-                "set sink.kafka.bootstrap_servers"
-            )
-        opts["kafka.bootstrap.servers"] = source.kafka.bootstrap_servers
-        if sink.sasl_password is None:
-            opts.update(_sasl_options(source.kafka))
-            opts.update({k: v for k, v in source.kafka.options.items() if k.startswith("kafka.")})
-    else:
-        opts["kafka.bootstrap.servers"] = sink.bootstrap_servers
-    opts.update(_sasl_options(sink))
-    opts.update(sink.options)  # explicit options win
-    return opts
+    if sink.bootstrap_servers is not None:
+        return sink.bootstrap_servers, sink, dict(sink.options)
+    if source.kind != "kafka":
+        raise SinkError(
+            "sink.kafka.topic is set but sink.kafka.bootstrap_servers is not, and the source is not Kafka: "
+            "set sink.kafka.bootstrap_servers"
+        )
+    if sink.sasl_password is not None:
+        return source.kafka.bootstrap_servers, sink, dict(sink.options)
+    inherited = {k: v for k, v in source.kafka.options.items() if k.startswith("kafka.")}
+    return source.kafka.bootstrap_servers, source.kafka, inherited | sink.options
+
+
+def kafka_sink_options(settings: Settings) -> dict[str, str]:
+    """Spark Kafka writer options for ``sink.kafka`` (:func:`kafka_sink_connection`); the sink's
+    own ``options`` win."""
+    bootstrap, login, options = kafka_sink_connection(settings)
+    return {"kafka.bootstrap.servers": bootstrap, **_sasl_options(login), **options}
 
 
 _LOGIN_MODULES = {

@@ -74,8 +74,9 @@ def librdkafka_config(settings: Settings) -> dict[str, Any] | None:
     return _librdkafka(k.bootstrap_servers, k.options, k)
 
 
-def _librdkafka(bootstrap: str, options: dict[str, str], login: Any) -> dict[str, Any] | None:
-    k = login
+def _librdkafka(bootstrap: str, options: dict[str, str], k: Any) -> dict[str, Any] | None:
+    """librdkafka settings for ``bootstrap`` with the ``kafka.*`` ``options`` and the SASL login
+    of ``k`` (a source's or sink's settings); None when an option has no librdkafka twin."""
     conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _client_log}
     for key, value in options.items():
         if not key.startswith("kafka."):
@@ -98,13 +99,12 @@ def _librdkafka(bootstrap: str, options: dict[str, str], login: Any) -> dict[str
 
 
 def _sink_client(settings: Settings) -> tuple[str, dict[str, Any] | None]:
-    """The Kafka sink's broker and its librdkafka settings (None: options only the Java client has)."""
-    sink, source = settings.sink.kafka, settings.source.kafka
-    inherit = sink.bootstrap_servers is None
-    bootstrap = source.bootstrap_servers if inherit else str(sink.bootstrap_servers)
-    own_login = sink.sasl_password is not None
-    options = {**(source.options if inherit and not own_login else {}), **sink.options}
-    return bootstrap, _librdkafka(bootstrap, options, sink if own_login or not inherit else source)
+    """The Kafka sink's broker and its librdkafka settings (None: options only the Java client has),
+    by the writer's own rule (:func:`streamscore.scoring.io.kafka_sink_connection`)."""
+    from streamscore.scoring.io import kafka_sink_connection
+
+    bootstrap, login, options = kafka_sink_connection(settings)
+    return bootstrap, _librdkafka(bootstrap, options, login)
 
 
 def topic_message_limit(settings: Settings, topics: list[str]) -> int | None:

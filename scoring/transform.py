@@ -91,14 +91,15 @@ HEADER_BACKFILL = "streamscore.backfill"  # on messages a backfill wrote: its ba
 HEADER_KIND = "streamscore.kind"  # scored | dead_letter
 
 
-def message_id() -> Column:
+def message_id(without_offset: Column) -> Column:
     """A message's identity, the same when a batch is written again after a crash: the version that
     scored it, the batch, and where the event came from (topic, partition, offset; for a Delta
-    source, which has no offsets: the table and the event id)."""
+    source, which has no offsets: the table and ``without_offset``, the event id of a scored row,
+    a hash of a dead letter's payload)."""
     where = F.when(
         F.col("source_offset").isNotNull(),
         F.concat_ws(":", F.col("source_partition").cast("string"), F.col("source_offset").cast("string")),
-    ).otherwise(F.coalesce(F.col("event_id"), F.lit("")))
+    ).otherwise(F.coalesce(without_offset, F.lit("")))
     return F.concat_ws(
         ":", F.col("model_version"), F.col("batch_id").cast("string"), F.coalesce(F.col("source"), F.lit("")), where
     )
@@ -131,7 +132,7 @@ def kafka_messages(scored: DataFrame, spec: InputSpec, backfill_id: str | None =
         *schema.names(schema.LINEAGE),
         *COORDINATES,
     ]
-    with_id = scored.withColumn("message_id", message_id())
+    with_id = scored.withColumn("message_id", message_id(F.col("event_id")))
     value = F.to_json(F.struct(*[F.col(f"`{n}`") for n in fields], F.col("message_id")))
     return with_id.select(
         F.col("event_id").alias("key"), value.alias("value"), _headers("scored", backfill_id).alias("headers")
@@ -140,8 +141,10 @@ def kafka_messages(scored: DataFrame, spec: InputSpec, backfill_id: str | None =
 
 def kafka_dead_letters(dead: DataFrame, backfill_id: str | None = None) -> DataFrame:
     """One message per dead letter: the payload as text, the reason, the coordinates and the
-    version that read it; keyed by the message id (a dead letter has no trusted event id)."""
-    with_id = dead.withColumn("event_id", F.lit(None).cast("string")).withColumn("message_id", message_id())
+    version that read it; keyed by the message id (a dead letter has no trusted event id: from a
+    Delta source, which has no offsets, its identity holds a hash of its payload)."""
+    payload = F.sha2(F.coalesce(F.col("raw_value"), F.lit("")), 256)
+    with_id = dead.withColumn("message_id", message_id(payload))
     fields = [f.name for f in schema.DEAD_LETTER.fields]
     value = F.to_json(F.struct(*[F.col(n) for n in fields], F.col("message_id")))
     return with_id.select(

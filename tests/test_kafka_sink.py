@@ -246,3 +246,26 @@ def test_an_outage_of_the_output_broker_is_ridden_out(spark, make_settings, outp
     valid = set(before.valid_ids) | set(after.valid_ids)
     assert set(msgs["event_id"]) == valid == set(table["event_id"]) and len(table) == len(valid)
     assert set(msgs["message_id"]) == set(table["message_id"])
+
+
+def test_dead_letters_from_a_delta_source_each_have_their_own_identity(spark):
+    """A Delta source has no offsets and a dead letter no event id: its message id holds a hash of
+    its payload, so two dead letters of one batch are two identities, and a replay repeats each."""
+    import datetime as dt
+    import hashlib
+
+    from streamscore.scoring.schema import DEAD_LETTER
+    from streamscore.scoring.transform import kafka_dead_letters
+
+    at = dt.datetime(2026, 12, 6, tzinfo=dt.timezone.utc)
+    rows = [
+        ("{bad", "invalid JSON", "/tables/events", None, None, None, "m", "3", 7, at),
+        ('{"x": 1}', "missing required field 'event_id'", "/tables/events", None, None, None, "m", "3", 7, at),
+        ("{bad", "invalid JSON", "events", 1, 42, at, "m", "3", 7, at),
+    ]
+    frame = spark.createDataFrame(rows, DEAD_LETTER)
+    ids = [json.loads(r.value)["message_id"] for r in kafka_dead_letters(frame).collect()]
+    again = [json.loads(r.value)["message_id"] for r in kafka_dead_letters(frame).collect()]
+    assert ids == again
+    digest = [hashlib.sha256(payload.encode()).hexdigest() for payload, *_ in rows[:2]]
+    assert ids == [f"3:7:/tables/events:{digest[0]}", f"3:7:/tables/events:{digest[1]}", "3:7:events:1:42"]

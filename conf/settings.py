@@ -155,11 +155,15 @@ class SinkSettings(_Section):
     warm_snapshots: bool = True  # read the tables' Delta state between batches, not inside each write
     change_data_feed: bool = True  # tables the job creates record row changes (delta.enableChangeDataFeed)
     kafka: KafkaSink = KafkaSink()
+    # watch.shadow_ref's table (both predictions, both versions); neither: <home>/tables/shadow
+    shadow_table: TableName | None = None
+    shadow_path: str | None = None
 
     @model_validator(mode="after")
     def _name_or_path(self) -> SinkSettings:
         _one_of(self.output_table, self.output_path, "sink.output_table", "sink.output_path")
         _one_of(self.dead_letter_table, self.dead_letter_path, "sink.dead_letter_table", "sink.dead_letter_path")
+        _one_of(self.shadow_table, self.shadow_path, "sink.shadow_table", "sink.shadow_path")
         return self
 
 
@@ -395,6 +399,27 @@ class WebhookSettings(_Section):
         return self
 
 
+class CanarySettings(_Section):
+    """A validated candidate first serves ``fraction`` of the events (by a stable hash of the event
+    id); after ``promote_after_batches`` batches and ``promote_after_rows`` of its rows without a
+    rollback threshold crossed, it serves all. 0: a candidate takes over at once (no probation)."""
+
+    fraction: float = Field(0.0, ge=0.0, le=1.0)
+    promote_after_batches: int = Field(10, ge=1)
+    promote_after_rows: int = Field(1000, ge=0)
+
+
+class RollbackSettings(_Section):
+    """While a candidate is a canary, the thresholds that send the stream back to the previous
+    version (judged on the candidate's rows so far, once there are ``min_rows``); null: not checked."""
+
+    min_rows: int = Field(50, ge=1)
+    max_model_error_rate: float | None = Field(0.02, ge=0.0, le=1.0)  # rows it failed on / rows it scored
+    max_disagreement: float | None = Field(None, ge=0.0, le=1.0)  # 1 - agreement (classifiers)
+    max_mean_abs_diff: float | None = Field(None, ge=0.0)  # mean |difference| (regressors)
+    max_seconds_per_row: float | None = Field(None, gt=0.0)  # its predict time per row
+
+
 class WatchSettings(_Section):
     enabled: bool = True
     poll_interval_s: float = Field(5, gt=0)
@@ -405,6 +430,11 @@ class WatchSettings(_Section):
     download_timeout_s: float = Field(600, gt=0)  # downloading a candidate must finish within this
     gate_partitions: int = Field(1, ge=1)  # Spark tasks the gate's sample uses (the rest keep scoring the stream)
     webhook: WebhookSettings = WebhookSettings()
+    # a second version that scores every valid row beside the served one, into the shadow table
+    shadow_ref: ModelRefText | None = None  # e.g. "@challenger"
+    shadow_max_seconds_per_row: float = Field(0.01, gt=0.0)  # a slower shadow skips the rest of a task's rows
+    canary: CanarySettings = CanarySettings()
+    rollback: RollbackSettings = RollbackSettings()
 
     @field_validator("required_tag")
     @classmethod
@@ -517,6 +547,8 @@ class Settings(BaseSettings):
         t = self.tracking
         if is_unity_catalog(t.registry_uri or t.uri):
             check_uc_ref(ModelRef.parse(self.model.ref), self.model.name)
+            if self.watch.shadow_ref is not None:
+                check_uc_ref(ModelRef.parse(self.watch.shadow_ref), self.model.name)
         return self
 
     # -- derived values -------------------------------------------------------------------------
@@ -563,6 +595,10 @@ class Settings(BaseSettings):
         return self.table(self.sink.dead_letter_table, self.sink.dead_letter_path, "dead_letter")
 
     @property
+    def shadow_table(self) -> TableRef:
+        return self.table(self.sink.shadow_table, self.sink.shadow_path, "shadow")
+
+    @property
     def output_path(self) -> str:
         """The output table's path, or its name when it is named."""
         return str(self.output_table)
@@ -588,7 +624,8 @@ class Settings(BaseSettings):
     @property
     def table_names(self) -> list[str]:
         """The catalog names this job's settings use."""
-        return [n for n in (self.sink.output_table, self.sink.dead_letter_table, self.source.delta.table) if n]
+        shadow = self.sink.shadow_table if self.watch.shadow_ref is not None else None
+        return [n for n in (self.sink.output_table, self.sink.dead_letter_table, self.source.delta.table, shadow) if n]
 
     @property
     def uses_catalog(self) -> bool:

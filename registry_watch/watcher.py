@@ -9,6 +9,14 @@ by exactly one version.
 
 Replays: the version used for each batch id is written to a ledger before the batch is scored. A
 batch replayed after a crash is scored by the version recorded for it, whatever the alias says now.
+
+Safe rollout (:meth:`plan_for_batch`): with ``watch.canary.fraction`` above 0, a candidate that
+passed the gate first serves that share of the events, beside the serving version, until
+``watch.canary.promote_after_*`` (then it serves all) or until a ``watch.rollback.*`` threshold is
+crossed (:meth:`batch_judged`: then it is refused with the reason, and the serving version goes on
+alone). ``watch.shadow_ref`` names a version that scores every batch beside them, into the shadow
+table only. The ledger records, per batch, the canary and the shadow too (and the canary's figures
+so far): a replay uses exactly those versions, and a restart continues the canary where it was.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from streamscore.errors import GateRefused, RegistryError
 from streamscore.faults import failpoint
 from streamscore.registry_watch.gate import GateResult
 from streamscore.registry_watch.resolve import ModelRef
+from streamscore.rollout import CanaryProgress, RolloutStats
+from streamscore.scoring.plan import ScoringPlan
 from streamscore.scoring.spec import InputSpec
 from streamscore.scoring.udf import ModelHandle
 
@@ -64,6 +74,16 @@ class Refusal:
     version: str
     reason: str
     at: float
+
+
+@dataclass
+class Rollback:
+    version: str  # the canary sent back
+    to_version: str  # the version that serves all events again
+    reason: str
+    at: float
+    batches: int  # batches it served as a canary
+    rows: int  # rows it was asked to score
 
 
 @dataclass
@@ -124,8 +144,9 @@ class BatchLedger:
         """The record of the highest batch id (the version the stream served last)."""
         return self._entries[max(self._entries)] if self._entries else None
 
-    def record(self, batch_id: int, name: str, version: str, run_id: str) -> None:
-        rec = {"batch_id": batch_id, "name": name, "version": version, "run_id": run_id, "at": time.time()}
+    def record(self, batch_id: int, name: str, version: str, run_id: str, **extra: Any) -> None:
+        """``extra``: what else scored the batch (a canary, a shadow) and the rollout's state."""
+        rec = {"batch_id": batch_id, "name": name, "version": version, "run_id": run_id, "at": time.time(), **extra}
         self._entries[batch_id] = rec
         if len(self._entries) > 2 * LEDGER_KEEP:
             keep = sorted(self._entries)[-LEDGER_KEEP:]
@@ -213,6 +234,7 @@ class RegistryWatcher:
         on_swap: Callable[[SwapEvent], None] | None = None,
         on_refusal: Callable[[Refusal], None] | None = None,
         clock: Callable[[], float] = time.time,
+        on_rollback: Callable[[Rollback], None] | None = None,
     ):
         self.registry = registry
         self.ref = ref
@@ -240,6 +262,20 @@ class RegistryWatcher:
         self._registry_down = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # safe rollout
+        self.canary_settings = watch.canary
+        self.rollback = watch.rollback
+        self.shadow_ref = ModelRef.parse(watch.shadow_ref) if watch.shadow_ref else None
+        self.shadow_max_seconds_per_row = watch.shadow_max_seconds_per_row
+        self.on_rollback = on_rollback
+        self.canary: ModelHandle | None = None
+        self.progress: CanaryProgress | None = None
+        self._canary_event: SwapEvent | None = None
+        self.rollbacks: list[Rollback] = []
+        self.shadow: ModelHandle | None = None
+        self.shadow_problem: str | None = None  # why the shadow ref has no version scoring (None: it has)
+        self._pending_shadow: ModelHandle | None = None
+        self._shadow_refused: dict[str, float] = {}
 
     @property
     def model_name(self) -> str:
@@ -257,13 +293,87 @@ class RegistryWatcher:
     # -- start -------------------------------------------------------------------------------
     def start(self, ref: ModelRef | None = None) -> ModelHandle:
         """Resolve and validate the initial version (it defines the stream's schema); ``ref``
-        overrides the watched reference for this start only (a restart keeping the ledger's version)."""
+        overrides the watched reference for this start only (a restart keeping the ledger's version).
+
+        With a canary share set, a restart serves the version the ledger says served all events
+        last, and a watched version other than it becomes (again) its canary, with the canary's
+        figures so far when it was the canary already; versions rolled back are refused again."""
+        last = self.ledger.last() if self.ledger is not None else None
+        if ref is None and self.canary_settings.fraction > 0 and last is not None:
+            return self._resume(last)
         result = self.gate.admit(ref or self.ref, None)
         self.current, self.spec = result.handle, result.spec
         self.start_phases = result.phases
         self._last_poll = self.clock()
         log.info("serving %s (%s)", self.current.label, ref or self.ref)
+        self._start_shadow()
         return self.current
+
+    def _resume(self, last: dict[str, Any]) -> ModelHandle:
+        for version, r in (last.get("rolled_back") or {}).items():
+            at, reason = float(r["at"]), str(r["reason"])
+            self._refused_at[version] = at
+            self.refusals.append(Refusal(version, reason, at))
+            self.rollbacks.append(Rollback(version, str(last["version"]), reason, at, 0, 0))
+        result = self.gate.admit(ModelRef("version", str(last["version"])), None)
+        self.current, self.spec = result.handle, result.spec
+        self.start_phases = result.phases
+        self._last_poll = self.clock()
+        log.info("serving %s (the version that served all events last: the batch ledger)", self.current.label)
+        mv = self._resolve()
+        if not isinstance(mv, PollOutcome) and self._triage(str(mv.version), self.clock()) is None:
+            if self._validate(mv, self.clock(), None) is PollOutcome.PREPARED:
+                previous = last.get("canary") or {}
+                with self._lock:
+                    self._begin_canary(None)
+                    if self.progress is not None and str(previous.get("version")) == self.progress.version:
+                        self.progress = CanaryProgress.from_dict(previous)
+                        log.info("the canary goes on where it was: %s", previous)
+        self._start_shadow()
+        return self.current
+
+    def _start_shadow(self) -> None:
+        if self.shadow_ref is None:
+            return
+        handle = self._admit_shadow(None)
+        if handle is not None:
+            self.shadow = handle
+            log.info("shadow: %s (%s) scores every batch beside the served version", handle.label, self.shadow_ref)
+
+    def _admit_shadow(self, known: str | None) -> ModelHandle | None:
+        """The shadow reference's version through the gate, when it is not ``known`` (the one
+        shadowing now); None when it does not resolve, is refused (noted in ``shadow_problem``,
+        tried again after ``retry_refused_after_s``) or is the same."""
+        assert self.shadow_ref is not None
+        try:
+            mv = self.registry.resolve(self.shadow_ref)
+        except Exception as e:  # noqa: BLE001 - a shadow never stops the stream
+            problem = f"watch.shadow_ref {self.shadow_ref} does not resolve: {type(e).__name__}: {e}"
+            if problem != self.shadow_problem:
+                log.warning("%s; no shadow until it does", problem)
+            self.shadow_problem = problem
+            return None
+        version = str(mv.version)
+        if version == known:
+            return None
+        refused_at = self._shadow_refused.get(version)
+        if refused_at is not None and self.clock() - refused_at < self.retry_refused_after_s:
+            return None
+        try:
+            handle = self.gate.admit(self.shadow_ref, self.spec, resolved=mv).handle
+            if handle.flavor != "pyfunc" or self.serving.flavor != "pyfunc":
+                raise GateRefused(
+                    version,
+                    "a shadow needs pyfunc versions (served and shadow); a Spark ML version cannot shadow "
+                    "or be shadowed: compare Spark ML versions with `streamscore backfill --compare-ref`",
+                )
+        except Exception as e:  # noqa: BLE001 - refused or not validated: no shadow, the stream goes on
+            self._shadow_refused[version] = self.clock()
+            self.shadow_problem = f"shadow version {version} ({self.shadow_ref}) not used: {e}"
+            log.warning("%s", self.shadow_problem)
+            return None
+        self.shadow_problem = None
+        return handle
 
     @property
     def serving(self) -> ModelHandle:
@@ -288,6 +398,8 @@ class RegistryWatcher:
                 return PollOutcome.NOT_DUE
             self._poll_now.clear()
             self._last_poll = now
+            if self.shadow_ref is not None:
+                self._poll_shadow()
             mv = self._resolve()
             if isinstance(mv, PollOutcome):
                 return mv
@@ -297,6 +409,15 @@ class RegistryWatcher:
             return self._validate(mv, now, alias_set_at)
         finally:
             self._poll_lock.release()
+
+    def _poll_shadow(self) -> None:
+        with self._lock:
+            known = self._pending_shadow or self.shadow
+        handle = self._admit_shadow(known.version if known is not None else None)
+        if handle is not None:
+            with self._lock:
+                self._pending_shadow = handle
+            log.info("shadow version %s passed the gate; it shadows from the next batch", handle.version)
 
     def _resolve(self) -> ModelVersion | PollOutcome:
         """The version the reference points at, or why the registry could not say."""
@@ -318,11 +439,16 @@ class RegistryWatcher:
     def _triage(self, version: str, now: float) -> PollOutcome | None:
         """None when ``version`` is a new candidate to validate, else why not."""
         with self._lock:
-            target = self._pending.result.handle.version if self._pending else self.serving.version
+            target = self.serving.version
+            if self.canary is not None:
+                target = self.canary.version
+            if self._pending is not None:
+                target = self._pending.result.handle.version
             if version == target:
                 return PollOutcome.UNCHANGED
-            if version == self.serving.version:  # the reference moved back before the swap happened
+            if version == self.serving.version:  # the reference moved back before the swap (or the canary) ended
                 self._pending = None
+                self._end_canary(f"version {target} is no longer wanted")
                 log.info("version %s is no longer wanted: %s keeps serving", target, self.serving.label)
                 return PollOutcome.PENDING_CANCELLED
         refused_at = self._refused_at.get(version)
@@ -344,6 +470,12 @@ class RegistryWatcher:
         )
         try:
             result = self.gate.admit(self.ref, self.spec, resolved=mv)
+            if self.canary_settings.fraction > 0 and "pyfunc" not in (result.handle.flavor, self.serving.flavor):
+                raise GateRefused(
+                    version,
+                    "it is a Spark ML model, and a canary needs a pyfunc version: set "
+                    "watch.canary.fraction: 0 to swap Spark ML versions whole",
+                )
         except GateRefused as e:
             self._refuse(version, e)
             return PollOutcome.REFUSED
@@ -364,7 +496,13 @@ class RegistryWatcher:
             )
             self._pending = _Pending(result, event)
             self._hint_alias_set_at = None
-        log.info("version %s passed the gate in %.1fs; it serves from the next batch", version, result.seconds)
+        share = self.canary_settings.fraction
+        log.info(
+            "version %s passed the gate in %.1fs; it serves %s from the next batch",
+            version,
+            result.seconds,
+            "all events" if share <= 0 else f"{share:.0%} of the events as a canary",
+        )
         return PollOutcome.PREPARED
 
     def _retry_later(self, version: str, e: Exception) -> None:
@@ -396,35 +534,154 @@ class RegistryWatcher:
 
     # -- per batch ---------------------------------------------------------------------------
     def model_for_batch(self, batch_id: int) -> ModelHandle:
-        """The one version that scores ``batch_id`` (the ledger's, for a replayed batch)."""
+        """The version whose outputs ``batch_id`` serves (see :meth:`plan_for_batch`)."""
+        return self.plan_for_batch(batch_id).served
+
+    def plan_for_batch(self, batch_id: int) -> ScoringPlan:
+        """The versions that score ``batch_id`` (the ledger's, for a replayed batch): a prepared
+        version takes over here (or starts as the canary), a prepared shadow starts shadowing."""
         if self.ledger is None:
             raise RuntimeError("the watcher has no batch ledger")
         with self._lock:
             seen = self.ledger.get(batch_id)
             if seen is not None:
-                if self.current is not None and seen["version"] == self.current.version:
-                    return self.current
-                log.info("batch %d is a replay: scoring it with version %s as before", batch_id, seen["version"])
-                return self.gate.handle_for(seen["name"], str(seen["version"]), seen.get("run_id") or "", self.spec)
+                return self._replay_plan(batch_id, seen)
             if self._pending is not None:
-                pending, self._pending = self._pending, None
-                event = pending.event
-                event.swapped_at = self.clock()
-                event.first_batch_id = batch_id
-                self.current = pending.result.handle
-                self.swaps.append(event)
-                self._unscored_swap = event
-                log.info("swapped %s -> %s at batch %d", event.from_version, event.to_version, batch_id)
+                if self.canary_settings.fraction > 0:
+                    self._begin_canary(batch_id)
+                else:
+                    pending, self._pending = self._pending, None
+                    event = pending.event
+                    event.swapped_at = self.clock()
+                    event.first_batch_id = batch_id
+                    self.current = pending.result.handle
+                    self.swaps.append(event)
+                    self._unscored_swap = event
+                    log.info("swapped %s -> %s at batch %d", event.from_version, event.to_version, batch_id)
+            if self._pending_shadow is not None:
+                self.shadow, self._pending_shadow = self._pending_shadow, None
+                log.info("shadow: %s from batch %d", self.shadow.label, batch_id)
+            plan = ScoringPlan(
+                self.serving,
+                self.canary,
+                self.canary_settings.fraction if self.canary is not None else 0.0,
+                self.shadow,
+                self.shadow_max_seconds_per_row,
+            )
+            extra = plan.versions()
+            if self.progress is not None and "canary" in extra:
+                extra["canary"] = {**extra["canary"], **self.progress.as_dict()}
+            rolled_back = self._recent_rollbacks()
+            if rolled_back:
+                extra["rolled_back"] = rolled_back
             serving = self.serving
-            self.ledger.record(batch_id, serving.name, serving.version, serving.run_id)
+            self.ledger.record(batch_id, serving.name, serving.version, serving.run_id, **extra)
             failpoint("after-ledger-write")
-            return serving
+            return plan
+
+    def _replay_plan(self, batch_id: int, seen: dict[str, Any]) -> ScoringPlan:
+        def handle(rec: dict[str, Any], *now: ModelHandle | None) -> ModelHandle:
+            for h in now:
+                if h is not None and h.version == str(rec["version"]):
+                    return h
+            name = rec.get("name") or seen["name"]
+            return self.gate.handle_for(name, str(rec["version"]), rec.get("run_id") or "", self.spec)
+
+        served = handle(seen, self.current)
+        if served is not self.current or seen.get("canary") or seen.get("shadow"):
+            log.info("batch %d is a replay: scoring it as before (%s)", batch_id, _versions_text(seen))
+        canary = seen.get("canary")
+        shadow = seen.get("shadow")
+        return ScoringPlan(
+            served,
+            handle(canary, self.canary, self.current) if canary else None,
+            float(canary["fraction"]) if canary else 0.0,
+            handle(shadow, self.shadow) if shadow else None,
+            self.shadow_max_seconds_per_row,
+        )
+
+    def _begin_canary(self, batch_id: int | None) -> None:
+        """The prepared version becomes the canary (under ``_lock``)."""
+        assert self._pending is not None
+        pending, self._pending = self._pending, None
+        handle = pending.result.handle
+        self.canary, self._canary_event = handle, pending.event
+        self.progress = CanaryProgress(handle.version, handle.run_id, self.canary_settings.fraction)
+        log.info(
+            "canary: %s serves %.0f%% of the events (by event id) beside %s from %s",
+            handle.label,
+            self.canary_settings.fraction * 100,
+            self.serving.label,
+            "the start" if batch_id is None else f"batch {batch_id}",
+        )
+
+    def _end_canary(self, why: str) -> None:
+        if self.canary is not None:
+            log.info("canary %s ends: %s", self.canary.label, why)
+        self.canary, self.progress, self._canary_event = None, None, None
+
+    def _recent_rollbacks(self) -> dict[str, dict[str, Any]]:
+        """Rollbacks still held against their versions (a restart keeps refusing them)."""
+        now = self.clock()
+        return {
+            r.version: {"reason": r.reason, "at": r.at}
+            for r in self.rollbacks
+            if now - r.at < self.retry_refused_after_s
+        }
+
+    def batch_judged(self, batch_id: int, stats: RolloutStats | None) -> None:
+        """After a batch with a canary is written: add its figures; roll the canary back when a
+        ``watch.rollback.*`` threshold is crossed, or make it the serving version once
+        ``watch.canary.promote_after_*`` is reached. Either takes effect from the next batch."""
+        if stats is None or stats.canary is None:
+            return
+        with self._lock:
+            canary, progress = self.canary, self.progress
+            if canary is None or progress is None or stats.canary.version != canary.version:
+                return  # a replay of an earlier canary's batch, or a canary already ended
+            progress.add(stats.canary)
+            why = progress.breach(self.rollback)
+            if why is not None:
+                self._roll_back(canary, progress, why)
+            elif progress.due(self.canary_settings):
+                self._promote(canary, progress, batch_id)
+
+    def _roll_back(self, canary: ModelHandle, progress: CanaryProgress, why: str) -> None:
+        at = self.clock()
+        reason = (
+            f"rolled back after {progress.batches} batch(es) as a canary: {why}; {self.serving.label} serves "
+            "all events again (the alias is left as it is: point it elsewhere, or fix the model and register "
+            "a new version)"
+        )
+        rollback = Rollback(canary.version, self.serving.version, reason, at, progress.batches, progress.rows)
+        self.rollbacks.append(rollback)
+        self._refused_at[canary.version] = at
+        refusal = Refusal(canary.version, reason, at)
+        self.refusals.append(refusal)
+        self._end_canary("rolled back")
+        log.warning("version %s %s", canary.version, reason)
+        if self.on_rollback:
+            self.on_rollback(rollback)
+        if self.on_refusal:
+            self.on_refusal(refusal)
+
+    def _promote(self, canary: ModelHandle, progress: CanaryProgress, batch_id: int) -> None:
+        event = self._canary_event or SwapEvent(self.serving.version, canary.version, self.clock(), self.clock())
+        event.swapped_at = self.clock()
+        event.first_batch_id = batch_id + 1
+        self.current = canary
+        self.swaps.append(event)
+        self._unscored_swap = event
+        self._end_canary(f"promoted after {progress.batches} batches and {progress.rows} rows without a breach")
+        log.info(
+            "swapped %s -> %s (the canary, promoted) from batch %d", event.from_version, event.to_version, batch_id + 1
+        )
 
     def batch_scored(self, batch_id: int, rows_scored: int) -> None:
         """Called after a batch is written: closes the swap latency of the first batch after a swap."""
         with self._lock:
             ev = self._unscored_swap
-            if ev is None or rows_scored == 0:
+            if ev is None or rows_scored == 0 or (ev.first_batch_id is not None and batch_id < ev.first_batch_id):
                 return
             self._unscored_swap = None
             ev.first_scored_at = self.clock()
@@ -455,3 +712,12 @@ class RegistryWatcher:
         if self._thread is not None:  # a poll stuck on a hanging registry is left behind (daemon)
             self._thread.join(timeout=10)
             self._thread = None
+
+
+def _versions_text(rec: dict[str, Any]) -> str:
+    parts = [f"version {rec['version']}"]
+    if rec.get("canary"):
+        parts.append(f"canary {rec['canary']['version']} ({float(rec['canary']['fraction']):.0%})")
+    if rec.get("shadow"):
+        parts.append(f"shadow {rec['shadow']['version']}")
+    return ", ".join(parts)

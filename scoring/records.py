@@ -8,6 +8,7 @@ dropped, so rows in = rows scored + rows dead-lettered holds per chunk and there
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -159,15 +160,35 @@ def _parse_times(times: list[Any], reasons: list[str | None], time_field: str) -
     return out
 
 
-def score_chunk(values: pd.Series, spec: InputSpec, model: Any, label: str = "the model") -> pd.DataFrame:
-    """Parse + validate + predict. ``model`` is anything with ``predict(pandas.DataFrame)``;
-    ``label`` names it in the reasons of rows it could not score. With ``model`` None the chunk is
-    parsed and validated only (no output columns): a model applied outside Python scores it."""
+@dataclass
+class Parsed:
+    """A chunk parsed and checked: each row's problem (None: valid), id and time, and the features
+    of the valid rows (``valid_idx``) as a frame aligned with the chunk."""
+
+    n: int
+    reasons: list[str | None]
+    ids: list[str | None]
+    event_time: pd.Series
+    features: pd.DataFrame
+    valid_idx: np.ndarray
+
+
+@dataclass
+class Predicted:
+    """One version's outputs for a chunk: columns aligned with the chunk (null where it gave no
+    value), each row's problem (None where it scored or was not asked) and the rows it scored."""
+
+    columns: dict[str, Any]
+    reasons: list[str | None]
+    scored_idx: np.ndarray
+
+
+def parse(values: pd.Series, spec: InputSpec) -> Parsed:
+    """Parse and check a chunk of raw payloads (no model)."""
     reasons, ids, times, cols = parse_chunk(values, spec)
     event_time = _parse_times(times, reasons, spec.event_time_field)
-    ok = np.array([r is None for r in reasons], dtype=bool)
     n = len(values)
-    valid_idx = np.flatnonzero(ok)
+    valid_idx = np.flatnonzero(np.array([r is None for r in reasons], dtype=bool))
     features = {}
     for f in spec.features:
         full = cols[f.name]
@@ -178,18 +199,44 @@ def score_chunk(values: pd.Series, spec: InputSpec, model: Any, label: str = "th
             features[f.name] = arr
         else:
             features[f.name] = pd.Series(full, dtype="object")
-    feat_df = pd.DataFrame(features, index=range(n))
+    return Parsed(n, reasons, ids, event_time, pd.DataFrame(features, index=range(n)), valid_idx)
+
+
+def predict(model: Any, parsed: Parsed, spec: InputSpec, label: str, rows: np.ndarray | None = None) -> Predicted:
+    """``model``'s outputs (``spec``'s) for the valid rows of ``parsed``, or the subset ``rows`` of
+    them; rows it fails on, or gives no usable value for, get a reason naming ``label``."""
+    idx = parsed.valid_idx if rows is None else rows
+    reasons: list[str | None] = [None] * parsed.n
     preds: dict[str, np.ndarray] | None = None
-    if model is not None and len(valid_idx):
-        preds, valid_idx = _predict(
-            model, feat_df.iloc[valid_idx].reset_index(drop=True), valid_idx, spec, label, reasons, ok
-        )
-    out = pd.DataFrame({"ok": ok, "reason": reasons, "event_id": ids, "event_time": event_time})
+    if len(idx):
+        ok = np.ones(parsed.n, dtype=bool)
+        preds, idx = _predict(model, parsed.features.iloc[idx].reset_index(drop=True), idx, spec, label, reasons, ok)
+    columns = {
+        o.name: _output_column(None if preds is None else preds[o.name], idx, parsed.n, o) for o in spec.output_list
+    }
+    return Predicted(columns, reasons, idx)
+
+
+def _frame(parsed: Parsed, reasons: list[str | None], spec: InputSpec) -> pd.DataFrame:
+    ok = np.array([r is None for r in reasons], dtype=bool)
+    out = pd.DataFrame({"ok": ok, "reason": reasons, "event_id": parsed.ids, "event_time": parsed.event_time})
     for f in spec.features:
-        out[f.name] = feat_df[f.name]
-    if model is not None:
-        for o in spec.output_list:
-            out[o.name] = _output_column(None if preds is None else preds[o.name], valid_idx, n, o)
+        out[f.name] = parsed.features[f.name]
+    return out
+
+
+def score_chunk(values: pd.Series, spec: InputSpec, model: Any, label: str = "the model") -> pd.DataFrame:
+    """Parse + validate + predict. ``model`` is anything with ``predict(pandas.DataFrame)``;
+    ``label`` names it in the reasons of rows it could not score. With ``model`` None the chunk is
+    parsed and validated only (no output columns): a model applied outside Python scores it."""
+    parsed = parse(values, spec)
+    if model is None:
+        return _frame(parsed, parsed.reasons, spec)
+    p = predict(model, parsed, spec, label)
+    reasons = [a if a is not None else b for a, b in zip(parsed.reasons, p.reasons, strict=True)]
+    out = _frame(parsed, reasons, spec)
+    for o in spec.output_list:
+        out[o.name] = p.columns[o.name]
     return out
 
 

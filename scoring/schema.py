@@ -114,6 +114,31 @@ def output_schema(spec: InputSpec) -> StructType:
     )
 
 
+SHADOW_LINEAGE = StructType(
+    [
+        StructField("shadow_model_version", StringType()),
+        StructField("shadow_model_run_id", StringType()),
+        StructField("shadow_reason", StringType()),  # why the shadow has no outputs for the row (null: it has)
+    ]
+)
+
+
+def shadow_schema(spec: InputSpec) -> StructType:
+    """The shadow table (``watch.shadow_ref``): per valid event, the served outputs (under their
+    own names, with the served version's lineage) and the shadow's (``shadow_<name>``)."""
+    shadow_outputs = [StructField("shadow_" + f.name, f.dataType) for f in output_fields(spec)]
+    return StructType(
+        [
+            *EVENT.fields,
+            *output_fields(spec),
+            *shadow_outputs,
+            *LINEAGE.fields,
+            *SHADOW_LINEAGE.fields,
+            *COORDINATES.fields,
+        ]
+    )
+
+
 def with_label(schema: StructType, label_col: str | None, spec: InputSpec) -> StructType:
     """The output table with a label column (``monitor.label_col``), of the prediction's type: null
     when rows are scored (appends leave it out), filled when labels are joined in later."""

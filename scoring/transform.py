@@ -11,8 +11,9 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from streamscore.scoring import schema
+from streamscore.scoring.plan import BY_CANARY, SHADOW_PREFIX, SHADOW_REASON, ScoringPlan, extra_fields
 from streamscore.scoring.spec import InputSpec
-from streamscore.scoring.udf import ModelHandle, make_parse_udf, make_score_udf
+from streamscore.scoring.udf import ModelHandle, make_parse_udf, make_plan_udf, make_score_udf
 
 COORDINATES = schema.names(schema.COORDINATES)
 
@@ -23,6 +24,7 @@ def score(
     spec: InputSpec,
     batch_id: int,
     keep_valid_raw: bool = True,
+    plan: ScoringPlan | None = None,
 ) -> DataFrame:
     """Every input row comes out once: ``ok`` rows carry features + the model's outputs, others
     ``reason``.
@@ -32,8 +34,18 @@ def score(
     batch does not carry every payload a second time for nothing.
 
     A pyfunc version is one pandas UDF (parse + predict). A Spark ML version
-    (:mod:`~streamscore.scoring.sparkml`) is a parse UDF, then the pipeline's ``transform``."""
-    if handle.flavor == "spark":
+    (:mod:`~streamscore.scoring.sparkml`) is a parse UDF, then the pipeline's ``transform``.
+
+    ``plan``: a canary or a shadow besides ``handle`` (its ``served``): one pandas UDF scores with
+    all of them (:mod:`~streamscore.scoring.plan`); the lineage names, per row, the version whose
+    outputs it carries, and the plan's extra columns follow the usual ones."""
+    extra: list[str] = []
+    if plan is not None and not plan.plain:
+        udf = make_plan_udf(plan, spec)
+        extra = [f.name for f in extra_fields(spec, plan)]
+        flat = events.select(udf(F.col(schema.VALUE)).alias("r"), schema.VALUE, *COORDINATES)
+        flat = flat.select("r.*", schema.VALUE, *COORDINATES)
+    elif handle.flavor == "spark":
         from streamscore.scoring import sparkml
 
         parsed = events.select(make_parse_udf(spec)(F.col(schema.VALUE)).alias("r"), schema.VALUE, *COORDINATES)
@@ -46,10 +58,15 @@ def score(
     # the payload as text; bytes that are not UTF-8 become U+FFFD so every reader can read the
     # dead-letter table (the row's reason says the payload was not valid UTF-8)
     raw = F.expr(f"make_valid_utf8(CAST({schema.VALUE} AS STRING))")
+    version, run_id = F.lit(handle.version), F.lit(handle.run_id)
+    if plan is not None and plan.canary is not None:
+        by_canary = F.col(BY_CANARY)
+        version = F.when(by_canary, F.lit(plan.canary.version)).otherwise(version)
+        run_id = F.when(by_canary, F.lit(plan.canary.run_id)).otherwise(run_id)
     lineage = {
         "model_name": F.lit(handle.name),
-        "model_version": F.lit(handle.version),
-        "model_run_id": F.lit(handle.run_id),
+        "model_version": version,
+        "model_run_id": run_id,
         "scored_at": F.current_timestamp(),
         "batch_id": F.lit(batch_id),
     }
@@ -58,6 +75,7 @@ def score(
         (raw if keep_valid_raw else F.when(~F.col("ok"), raw)).alias("raw_value"),
         *COORDINATES,
         *_typed(lineage, schema.LINEAGE),
+        *[F.col(n) for n in extra],
     )
 
 
@@ -74,6 +92,23 @@ def as_events(values: DataFrame, source: str) -> DataFrame:
 
 def scored_rows(results: DataFrame, spec: InputSpec) -> DataFrame:
     return results.where("ok").select(*[F.col(f"`{n}`") for n in schema.names(schema.output_schema(spec))])
+
+
+def shadow_rows(results: DataFrame, spec: InputSpec, plan: ScoringPlan) -> DataFrame:
+    """The shadow table's rows (:func:`~streamscore.scoring.schema.shadow_schema`): every valid row."""
+    assert plan.shadow is not None
+    shadow = {
+        **{"shadow_" + o.name: F.col(f"`{SHADOW_PREFIX}{o.name}`") for o in spec.output_list},
+        "shadow_model_version": F.lit(plan.shadow.version),
+        "shadow_model_run_id": F.lit(plan.shadow.run_id),
+        "shadow_reason": F.col(SHADOW_REASON),
+    }
+    return results.where("ok").select(
+        *[
+            shadow[f.name].cast(f.dataType).alias(f.name) if f.name in shadow else F.col(f"`{f.name}`")
+            for f in schema.shadow_schema(spec).fields
+        ]
+    )
 
 
 def dead_letter_rows(results: DataFrame) -> DataFrame:

@@ -3,7 +3,8 @@
 Unlike ``mlflow.pyfunc.spark_udf`` (which reloads the model in every task in local mode), the model
 is kept in a small per-process cache keyed by (name, version): a Python worker loads a version once
 and reuses it across tasks and micro-batches. The cache holds at most ``CACHE_SIZE`` versions (the
-serving one and the one it replaced), so repeated swaps do not grow worker memory.
+serving one, a canary or the one it replaced, and a shadow), so repeated swaps do not grow worker
+memory.
 
 On a cluster the driver ships the model folder as an archive (``SparkContext.addArchive``); a
 worker loads that copy through ``SparkFiles``.
@@ -17,7 +18,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -26,7 +27,10 @@ from streamscore.scoring.records import score_chunk
 from streamscore.scoring.schema import parse_schema, result_schema
 from streamscore.scoring.spec import InputSpec, Output
 
-CACHE_SIZE = 2
+if TYPE_CHECKING:
+    from streamscore.scoring.plan import ScoringPlan
+
+CACHE_SIZE = 3
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,38 @@ def make_score_udf(handle: ModelHandle, spec: InputSpec) -> Any:
         model = load_model(handle)
         for values in batches:
             yield score_chunk(values, spec, model, handle.label)
+
+    return score
+
+
+def make_plan_udf(plan: ScoringPlan, spec: InputSpec) -> Any:
+    """The scoring UDF of a plan with a canary or a shadow (:mod:`~streamscore.scoring.plan`): the
+    result struct of :func:`make_score_udf` plus the plan's extra columns."""
+    from pyspark.sql.functions import pandas_udf
+    from pyspark.sql.types import StructType
+
+    from streamscore.scoring.plan import LoadedPlan, extra_fields, score_plan_chunk
+
+    for h in plan.handles:
+        if h.flavor != "pyfunc":
+            raise RegistryError(
+                f"{h.label} is a Spark ML model: a canary or a shadow needs pyfunc versions (set "
+                "watch.canary.fraction: 0 and no watch.shadow_ref to swap Spark ML versions whole)"
+            )
+    returns = StructType([*result_schema(spec).fields, *extra_fields(spec, plan)])
+
+    def loaded(handle: ModelHandle | None) -> tuple[Any, InputSpec, str] | None:
+        return None if handle is None else (load_model(handle), handle.own_spec(spec), handle.label)
+
+    @pandas_udf(returns)  # type: ignore[call-overload]
+    def score(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        served = loaded(plan.served)
+        assert served is not None
+        models = LoadedPlan(
+            served, loaded(plan.canary), plan.fraction, loaded(plan.shadow), plan.shadow_max_seconds_per_row
+        )
+        for values in batches:
+            yield score_plan_chunk(values, spec, models)
 
     return score
 

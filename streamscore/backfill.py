@@ -31,7 +31,8 @@ from streamscore.preflight import check_catalog
 from streamscore.registry_watch.resolve import ModelRef
 from streamscore.scoring import io as sio
 from streamscore.scoring import schema
-from streamscore.scoring.spec import PROBABILITIES, InputSpec, Output
+from streamscore.scoring.compare import compare_predictions, compared_output
+from streamscore.scoring.spec import InputSpec
 from streamscore.scoring.udf import ModelHandle, make_score_udf
 from streamscore.streaming import build_gate
 
@@ -241,12 +242,6 @@ def _read_input(spark: Any, settings: Settings, request: BackfillRequest) -> Dat
     )
 
 
-def compared_output(spec: InputSpec) -> Output:
-    """The output two versions are compared on: a classifier's probabilities when it has them (the
-    agreement of their top classes and their total variation), else its prediction."""
-    return next((o for o in spec.output_list if o.name == PROBABILITIES and o.array), spec.primary)
-
-
 def _paired_predictions(results: DataFrame, other_handle: ModelHandle, spec: InputSpec) -> pd.DataFrame:
     """(base, other) predictions of the same rows: the other version scores the same rows (a pyfunc
     version their raw payloads through its UDF, a Spark ML version their parsed features)."""
@@ -261,53 +256,6 @@ def _paired_predictions(results: DataFrame, other_handle: ModelHandle, spec: Inp
     udf = make_score_udf(other_handle, spec)
     pairs = valid.select(F.col(f"`{name}`").alias("base"), udf(F.col("raw_value")).alias("o"))
     return pairs.select("base", F.col(f"o.`{name}`").alias("other")).toPandas()
-
-
-def compare_predictions(parts: list[pd.DataFrame], prediction_type: str) -> dict[str, Any]:
-    import pandas as pd
-
-    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"base": [], "other": []})
-    out: dict[str, Any] = {"rows": int(len(df))}
-    if prediction_type.startswith("array<"):  # class probabilities (or scores) per row
-        import numpy as np
-
-        p = np.array([np.asarray(v, dtype=float) for v in df["base"]]) if len(df) else np.zeros((0, 1))
-        q = np.array([np.asarray(v, dtype=float) for v in df["other"]]) if len(df) else np.zeros((0, 1))
-        if p.shape != q.shape:
-            raise ValueError(f"the versions' outputs have different widths ({p.shape[1:]} and {q.shape[1:]})")
-        tvd = 0.5 * np.abs(p - q).sum(axis=1)
-        out.update(
-            {
-                "kind": "probabilities",
-                "agreement": float((p.argmax(axis=1) == q.argmax(axis=1)).mean()) if len(df) else 1.0,
-                "mean_total_variation": float(tvd.mean()) if len(df) else 0.0,
-                "max_total_variation": float(tvd.max()) if len(df) else 0.0,
-            }
-        )
-        # plotted as the regression's histograms: each row's highest probability
-        out["distribution"] = {"base": p.max(axis=1).tolist(), "other": q.max(axis=1).tolist()}
-        return out
-    if prediction_type in ("double", "float"):
-        diff = (df["base"].astype(float) - df["other"].astype(float)).abs()
-        out.update(
-            {
-                "kind": "regression",
-                "mean_abs_diff": float(diff.mean()) if len(df) else 0.0,
-                "max_abs_diff": float(diff.max()) if len(df) else 0.0,
-                "mean_shift": float(df["other"].mean() - df["base"].mean()) if len(df) else 0.0,
-            }
-        )
-        out["distribution"] = {"base": df["base"].astype(float).tolist(), "other": df["other"].astype(float).tolist()}
-    else:
-        base, other = df["base"].astype(str), df["other"].astype(str)
-        out.update({"kind": "classification", "agreement": float((base == other).mean()) if len(df) else 1.0})
-        classes = sorted(set(base) | set(other))
-        share_b = base.value_counts(normalize=True).reindex(classes, fill_value=0.0)
-        share_o = other.value_counts(normalize=True).reindex(classes, fill_value=0.0)
-        out["class_share"] = {"base": share_b.round(6).to_dict(), "other": share_o.round(6).to_dict()}
-        out["total_variation_distance"] = float(0.5 * (share_b - share_o).abs().sum())
-        out["distribution"] = out["class_share"]
-    return out
 
 
 def _log_comparison(tracker: Tracker, comparison: dict[str, Any]) -> None:

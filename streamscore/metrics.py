@@ -3,8 +3,9 @@
 A stream that never ends would otherwise log a dozen values per micro-batch, a batch every second
 or so: Databricks caps a run's metric steps (1,000,000 on its resource-limits page). Over a
 window, counts are summed, durations (``*_s``) become their mean and their max (``<name>_max``),
-``rows_per_s`` is the window's rows over its wall time, and the rest (``model_version``, the
-dropped-metrics counter) keep their last value. The step is the window's last batch id, so steps
+``rows_per_s`` is the window's rows over its wall time, a canary's or a shadow's comparison with
+the served version is the mean weighted by the rows compared (a ``*_max_*`` the maximum), and the
+rest (``model_version``, the dropped-metrics counter) keep their last value. The step is the window's last batch id, so steps
 stay comparable with the tables' ``batch_id``. With an interval of 0 every batch is its own step,
 with the names and values it has always had.
 """
@@ -15,7 +16,31 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-SUMMED = ("rows_in", "rows_scored", "rows_dead_lettered", "rows_replayed")
+SUMMED = (
+    "rows_in",
+    "rows_scored",
+    "rows_dead_lettered",
+    "rows_replayed",
+    "canary_rows",
+    "canary_rows_served",
+    "canary_model_errors",
+    "shadow_rows",
+    "shadow_model_errors",
+    "canary_rows_compared",
+    "shadow_rows_compared",
+)
+# a canary's or a shadow's per-batch comparison: over a window, the mean weighted by the rows it is
+# of (``<side>_rows_compared``, or ``<side>_rows`` for the time per row); a ``max_*`` the maximum
+_MEANS = ("agreement", "mean_total_variation", "total_variation_distance", "mean_abs_diff", "mean_shift")
+
+
+def _weight_key(key: str) -> str | None:
+    side, _, measure = key.partition("_")
+    if side not in ("canary", "shadow"):
+        return None
+    if measure in _MEANS:
+        return f"{side}_rows_compared"
+    return f"{side}_rows" if measure == "seconds_per_row" else None
 
 
 class MetricsWindow:
@@ -31,6 +56,7 @@ class MetricsWindow:
         self.sums: dict[str, float] = {}
         self.maxima: dict[str, float] = {}
         self.last: dict[str, float] = {}
+        self.weighted: dict[str, list[float]] = {}  # key -> [sum of value * weight, sum of weights]
 
     def add(self, metrics: dict[str, Any], batch_id: int) -> None:
         """One batch's metrics; emits the window when it is due (every batch with interval 0)."""
@@ -43,6 +69,16 @@ class MetricsWindow:
             if value is None or key == "rows_per_s":  # a rate: the window's own, below
                 continue
             v = float(value)
+            weight = _weight_key(key)
+            if weight is not None:
+                w = float(metrics.get(weight) or 0.0)
+                acc = self.weighted.setdefault(key, [0.0, 0.0])
+                acc[0] += v * w
+                acc[1] += w
+                continue
+            if key.startswith(("canary_max_", "shadow_max_")):
+                self.maxima[key] = max(self.maxima.get(key, v), v)
+                continue
             if key in SUMMED or key.endswith("_s"):
                 self.sums[key] = self.sums.get(key, 0.0) + v
             if key.endswith("_s"):
@@ -66,6 +102,8 @@ class MetricsWindow:
             else:
                 out[key] = total
         out.update(self.last)
+        out.update({k: m for k, m in self.maxima.items() if not k.endswith("_s")})
+        out.update({k: total / w for k, (total, w) in self.weighted.items() if w > 0})
         seconds = now - self.opened_at
         out["rows_per_s"] = self.sums.get("rows_in", 0.0) / seconds if seconds > 0 else None
         step = self.last_batch_id

@@ -26,9 +26,18 @@ from pyspark.sql import functions as F
 
 from streamscore.deadline import run_within
 from streamscore.faults import failpoint
+from streamscore.rollout import RolloutStats, batch_stats
 from streamscore.scoring.io import KafkaTopics, Sink
+from streamscore.scoring.plan import ScoringPlan
 from streamscore.scoring.spec import InputSpec
-from streamscore.scoring.transform import dead_letter_rows, kafka_dead_letters, kafka_messages, score, scored_rows
+from streamscore.scoring.transform import (
+    dead_letter_rows,
+    kafka_dead_letters,
+    kafka_messages,
+    score,
+    scored_rows,
+    shadow_rows,
+)
 from streamscore.scoring.udf import ModelHandle
 
 log = logging.getLogger(__name__)
@@ -42,6 +51,7 @@ class Outcome:
     rows_dead_lettered: int
     score_s: float  # scoring and writing the scored rows (one Spark job)
     write_s: float  # the dead-letter write and ``inspect``
+    rollout: RolloutStats | None = None  # a batch scored with a canary or a shadow
 
     @property
     def rows_in(self) -> int:
@@ -57,6 +67,7 @@ class Sinks:
     scored: Sink
     dead_letter: Sink
     kafka: KafkaTopics | None = None  # scored events (and dead letters) as messages too
+    shadow: Sink | None = None  # a shadow version's outputs beside the served ones
 
 
 def score_and_write(
@@ -68,14 +79,21 @@ def score_and_write(
     inspect: Callable[[DataFrame, int], None] | None = None,
     keep_valid_raw: bool = False,
     count_first: bool = False,
+    plan: ScoringPlan | None = None,
 ) -> Outcome:
     """Score ``events`` with ``handle`` as batch ``batch_id`` and write both outcomes; ``inspect``
     sees valid rows' payloads (``raw_value``) only with ``keep_valid_raw``.
 
     ``count_first``: count in a job of its own before writing. A batch that may already be written
-    (a replay after a crash) needs it: Delta skips its write, so the write observes nothing."""
+    (a replay after a crash) needs it: Delta skips its write, so the write observes nothing.
+
+    ``plan``: a canary or a shadow besides ``handle`` (:mod:`~streamscore.scoring.plan`). The
+    shadow's rows go to ``sinks.shadow`` after the other writes; a shadow write that fails is
+    logged and costs only the shadow's rows. The outcome then carries the batch's canary and
+    shadow figures."""
     t0 = time.time()
-    results = score(events, handle, spec, batch_id, keep_valid_raw).persist(StorageLevel.MEMORY_AND_DISK)
+    results = score(events, handle, spec, batch_id, keep_valid_raw, plan).persist(StorageLevel.MEMORY_AND_DISK)
+    rollout = None
     try:
         if count_first:
             scored, dead = _count(results)
@@ -90,13 +108,30 @@ def score_and_write(
         sinks.dead_letter.write(dead_letter_rows(results), batch_id, dead)
         if sinks.kafka is not None:
             _write_messages(sinks.kafka, results, spec, scored, dead)
+        if plan is not None and not plan.plain:
+            written = plan.shadow is None or _write_shadow(sinks.shadow, results, spec, plan, batch_id, scored)
+            rollout = batch_stats(results, spec, plan, written)
         failpoint("after-writes")
         if inspect is not None:
             inspect(results, scored)
         t_done = time.time()
     finally:
         results.unpersist()
-    return Outcome(scored, dead, t_write - t0, t_done - t_write)
+    return Outcome(scored, dead, t_write - t0, t_done - t_write, rollout)
+
+
+def _write_shadow(
+    sink: Sink | None, results: DataFrame, spec: InputSpec, plan: ScoringPlan, batch_id: int, scored: int
+) -> bool:
+    """The shadow table's rows of the batch; False (logged) when they could not be written."""
+    if sink is None:
+        return False
+    try:
+        sink.write(shadow_rows(results, spec, plan), batch_id, scored)
+        return True
+    except Exception as e:  # noqa: BLE001 - a shadow never fails the batch
+        log.warning("batch %d: the shadow table's rows were not written: %s: %s", batch_id, type(e).__name__, e)
+        return False
 
 
 def _write_messages(topics: KafkaTopics, results: DataFrame, spec: InputSpec, scored: int, dead: int) -> None:

@@ -110,10 +110,13 @@ class BatchProcessor:
         assert spec is not None, "the watcher must be started first"
         serving = self.watcher.serving.label
         t0 = time.time()
-        for table, columns in (
+        tables = [
             (self.sinks.scored.table, schema.with_label(schema.output_schema(spec), self.label_col, spec)),
             (self.sinks.dead_letter.table, schema.DEAD_LETTER),
-        ):
+        ]
+        if self.sinks.shadow is not None:
+            tables.append((self.sinks.shadow.table, schema.shadow_schema(spec)))
+        for table, columns in tables:
             sio.ensure_delta_table(self.spark, table, columns, serving, self.creation)
         self.record_classes(self.watcher.serving)
         self.tables_s = round(time.time() - t0, 3)
@@ -137,8 +140,11 @@ class BatchProcessor:
         t0 = time.time()
         ledger = self.watcher.ledger
         replay = ledger is not None and ledger.get(batch_id) is not None  # begun before: maybe written
-        handle = self.watcher.model_for_batch(batch_id)
+        plan = self.watcher.plan_for_batch(batch_id)
+        handle = plan.served
         self.record_classes(handle)
+        if plan.canary is not None:
+            self.record_classes(plan.canary)
         t_picked = time.time()
         assert self.watcher.spec is not None
         sample = self.recent.due()
@@ -151,11 +157,13 @@ class BatchProcessor:
             self.recent.take_from if sample else None,
             keep_valid_raw=sample,
             count_first=replay,
+            plan=plan,
         )
         if self.warmer is not None:
             self.warmer.request()  # the next batch's writes find the tables' state ready
         self._account(batch_id, handle.version, outcome, t_picked - t0, time.time() - t0)
         self.watcher.batch_scored(batch_id, outcome.rows_scored)
+        self.watcher.batch_judged(batch_id, outcome.rollout)
         if self.first_batch_done_at is None:
             self.first_batch_done_at = time.time()
 
@@ -163,7 +171,10 @@ class BatchProcessor:
         phases = {"pick_model_s": pick_s, "score_s": o.score_s, "write_s": o.write_s}  # see Outcome
         self.batches += 1
         self.totals.update(rows_in=o.rows_in, rows_scored=o.rows_scored, rows_dead_lettered=o.rows_dead_lettered)
-        self.rows_by_version[version] += o.rows_scored
+        canary = o.rollout.canary if o.rollout is not None else None
+        if canary is not None:  # the rows the canary served are its own
+            self.rows_by_version[canary.version] += canary.served
+        self.rows_by_version[version] += o.rows_scored - (canary.served if canary is not None else 0)
         if o.rows_in:
             self.last_input_at = time.time()
         counts = o.counts()
@@ -194,6 +205,7 @@ class BatchProcessor:
                 **phases,
                 "model_version": float(version) if version.isdigit() else None,
                 "tracking_metrics_dropped": self.tracker.dropped,
+                **(o.rollout.metrics() if o.rollout is not None else {}),
             },
             batch_id,
         )

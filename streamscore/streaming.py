@@ -22,7 +22,7 @@ from streamscore.lifecycle import JobContext
 from streamscore.pipeline import Sinks
 from streamscore.registry_watch.gate import GateConfig, ValidationGate
 from streamscore.registry_watch.resolve import MlflowRegistry, ModelRef
-from streamscore.registry_watch.watcher import BatchLedger, Refusal, RegistryWatcher, SwapEvent
+from streamscore.registry_watch.watcher import BatchLedger, Refusal, RegistryWatcher, Rollback, SwapEvent
 from streamscore.runner import BatchProcessor, RecentSample, StopController
 from streamscore.scoring import io as sio
 
@@ -139,6 +139,12 @@ def build_watcher(
         tracker.log_metrics({"refused_version": float(r.version) if r.version.isdigit() else -1.0}, step=int(r.at))
         tracker.set_tags({f"streamscore.refused.v{r.version}": r.reason[:5000]})
 
+    def on_rollback(r: Rollback) -> None:
+        if tracker is None:
+            return
+        tracker.log_metrics({"rolled_back_version": float(r.version) if r.version.isdigit() else -1.0}, step=int(r.at))
+        tracker.set_tags({f"streamscore.rolled_back.v{r.version}": r.reason[:5000]})
+
     return RegistryWatcher(
         MlflowRegistry(client, settings.model.name),
         ModelRef.parse(settings.model.ref),
@@ -147,6 +153,7 @@ def build_watcher(
         ledger,
         on_swap=on_swap,
         on_refusal=on_refusal,
+        on_rollback=on_rollback,
     )
 
 
@@ -262,6 +269,7 @@ class ScoringStream:
             sio.IdempotentAppend(tables[0], app_id),
             sio.IdempotentAppend(tables[1], app_id + "-dead-letter"),
             sio.KafkaTopics.from_settings(settings),
+            sio.IdempotentAppend(settings.shadow_table, app_id + "-shadow") if settings.watch.shadow_ref else None,
         )
         recent = RecentSample()
         self.watcher = build_watcher(
@@ -388,11 +396,22 @@ def _summary(
             for e in watcher.swaps
         ],
         "refused": [{"version": r.version, "reason": r.reason} for r in watcher.refusals],
+        "rolled_back": [
+            {"version": r.version, "to_version": r.to_version, "batches": r.batches, "rows": r.rows, "reason": r.reason}
+            for r in watcher.rollbacks
+        ],
         "stop_reason": stopper.reason or "completed",
         "first_batch_s": processor.first_batch_s(),
         "halted_before_batch": processor.halted_before,  # stopped under load: this batch is read again next time
         "tracking_metrics_dropped": ctx.tracker.dropped,
     }
+    if watcher.canary is not None and watcher.progress is not None:
+        out["canary"] = watcher.progress.as_dict()
+    if settings.watch.shadow_ref is not None:
+        out["shadow_table"] = str(settings.shadow_table)
+        out["shadow_version"] = watcher.shadow.version if watcher.shadow else None
+        if watcher.shadow_problem:
+            out["shadow_problem"] = watcher.shadow_problem
     if settings.tracking.mirror_uri:
         out["mirror_tracking_uri"] = settings.tracking.mirror_uri
         out["mirror_run_id"] = ctx.tracker.mirror_run_id

@@ -334,3 +334,22 @@ def private_broker(home, name: str):
     from streamscore.infra.services import KafkaService, start_on_free_ports
 
     return start_on_free_ports(lambda p: KafkaService(home / name, p[0], p[1]), 2)
+
+
+MARK = 9.9  # a sepal width no iris has: the failing candidate gives no prediction for such rows
+
+
+class NoAnswerForMarkedRows(mlflow.pyfunc.PythonModel):
+    """A real classifier, except that it gives no prediction (None) for rows marked by their
+    sepal width: a model error on those rows only."""
+
+    def load_context(self, context):
+        from sklearn.linear_model import LogisticRegression
+
+        X, y = iris_frame()
+        self.model = LogisticRegression(max_iter=500, C=0.3).fit(X, y)
+
+    def predict(self, context, model_input, params=None):
+        out = self.model.predict(model_input[FEATURES]).astype(object)
+        out[(model_input["sepal_width"] == MARK).to_numpy()] = None
+        return list(out)

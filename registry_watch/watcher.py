@@ -321,7 +321,9 @@ class RegistryWatcher:
         self._last_poll = self.clock()
         log.info("serving %s (the version that served all events last: the batch ledger)", self.current.label)
         mv = self._resolve()
-        if not isinstance(mv, PollOutcome) and self._triage(str(mv.version), self.clock()) is None:
+        new = not isinstance(mv, PollOutcome) and self._triage(str(mv.version), self.clock()) is None
+        if new:
+            assert not isinstance(mv, PollOutcome)
             if self._validate(mv, self.clock(), None) is PollOutcome.PREPARED:
                 previous = last.get("canary") or {}
                 with self._lock:

@@ -87,7 +87,7 @@ def canary_rows(parsed: Parsed, fraction: float) -> np.ndarray:
     if fraction >= 1.0:
         return parsed.valid_idx
     ids = parsed.ids
-    keep = [i for i in parsed.valid_idx if canary_bucket(ids[i]) < fraction]  # type: ignore[arg-type]
+    keep = [i for i in parsed.valid_idx if canary_bucket(str(ids[i])) < fraction]
     return np.asarray(keep, dtype=parsed.valid_idx.dtype)
 
 

@@ -5,9 +5,9 @@ or so: Databricks caps a run's metric steps (1,000,000 on its resource-limits pa
 window, counts are summed, durations (``*_s``) become their mean and their max (``<name>_max``),
 ``rows_per_s`` is the window's rows over its wall time, a canary's or a shadow's comparison with
 the served version is the mean weighted by the rows compared (a ``*_max_*`` the maximum), and the
-rest (``model_version``, the dropped-metrics counter) keep their last value. The step is the window's last batch id, so steps
-stay comparable with the tables' ``batch_id``. With an interval of 0 every batch is its own step,
-with the names and values it has always had.
+rest (``model_version``, the dropped-metrics counter) keep their last value. The step is the
+window's last batch id, so steps stay comparable with the tables' ``batch_id``. With an interval
+of 0 every batch is its own step, with the names and values it has always had.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def batch_stats(results: DataFrame, spec: InputSpec, plan: P.ScoringPlan, shadow
     if plan.shadow is not None:
         cols += [F.col(f"`{P.SHADOW_PREFIX}{compared.name}`").alias("shadow"), F.col(P.SHADOW_REASON)]
         cols += [F.col(P.SHADOW_SECONDS)]
-    df = results.where(keep).select(*cols).toPandas()
+    df: Any = results.where(keep).select(*cols).toPandas()
     canary = shadow = None
     if plan.canary is not None:
         picked = df[P.CANARY].fillna(False).astype(bool)

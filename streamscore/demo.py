@@ -63,7 +63,7 @@ def train_and_register(
     signature = infer_signature(X, model.predict(X))
     mlflow.set_experiment("streamscore-demo-models")
     with mlflow.start_run(run_name=f"train-{name}-{variant}") as run:
-        mlflow.log_params({"variant": variant, **VARIANTS[variant]})
+        mlflow.log_params({"variant": variant, **VARIANTS.get(variant, {})})
         mlflow.log_metric("train_accuracy", float(model.score(X, y)))
         info = mlflow.sklearn.log_model(
             model,

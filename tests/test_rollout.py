@@ -115,3 +115,90 @@ def test_the_canary_bucket_is_the_documented_sql_expression(spark):
         "event_id", F.expr("conv(substr(sha2(event_id, 256), 1, 16), 16, 10) / pow(2, 64)").alias("b")
     ).toPandas()
     assert all(abs(b - canary_bucket(i)) < 1e-12 for i, b in zip(sql["event_id"], sql["b"], strict=True))
+
+
+def _run(command: list[str], log) -> dict:
+    import json
+    import subprocess
+
+    with open(log, "w") as out:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=out, text=True, timeout=600)
+    assert done.returncode == 0, log.read_text()[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.heavy
+def test_shadow_and_canary_hold_across_a_kill_and_a_replay(spark, make_settings, tmp_path, home):
+    """Run 1 serves v1 with v2 as its shadow. Then champion -> v3: run 2 starts v3 as a 0.2 canary
+    and is killed (-9) once its first batch is in the ledger; the shadow alias moves to v1 before
+    run 3, which replays that batch with the recorded versions (v1, canary v3, shadow v2) and goes
+    on with shadow v1."""
+    from sklearn.linear_model import LogisticRegression
+
+    from tests.helpers import run_until_failpoint, stream_command
+
+    s = make_settings()
+    name, k = s.model.name, s.source.kafka
+    shadow_path = str(tmp_path / "shadow")
+    rollout = {
+        "watch__shadow_ref": "@challenger",
+        "watch__canary__fraction": "0.2",
+        "watch__canary__promote_after_batches": "1000",
+        "sink__shadow_path": shadow_path,
+        "source__kafka__max_offsets_per_trigger": "150",
+        "trigger__processing_time": "0.5 seconds",
+    }
+    command = stream_command(s, home, "--available-now", **rollout)
+    v1 = train_and_register(name, "v1", alias="champion")
+    v2 = train_and_register(name, "v2", alias="challenger")
+    ensure_topic(k.bootstrap_servers, k.topic)
+    events = send(k.bootstrap_servers, k.topic, "a", 300)
+    first = _run(command, tmp_path / "run1.log")
+    assert first["rows_by_version"] == {v1: 300} and first["shadow_version"] == v2
+
+    v3 = train_and_register(name, "v3", alias="champion", estimator=LogisticRegression(C=0.05, max_iter=500))
+    events |= send(k.bootstrap_servers, k.topic, "b", 450)
+    run_until_failpoint(stream_command(s, home, **rollout), tmp_path / "run2.log", "after-ledger-write@1")
+    promote(name, v1, "challenger")
+    events |= send(k.bootstrap_servers, k.topic, "c", 300)
+    third = _run(command, tmp_path / "run3.log")
+    assert third["shadow_version"] == v1 and third["canary"]["version"] == v3 and third["model_version"] == v1
+
+    out = spark.read.format("delta").load(str(s.output_table)).toPandas()
+    assert sorted(out["event_id"]) == sorted(events)  # nothing lost, nothing twice
+    for version, rows in out.groupby("model_version"):
+        assert list(rows["prediction"]) == list(own_predictions(name, version, events, rows["event_id"]))
+    # run 1: v1 alone; after it, each event goes by its hash (the same rule before and after the kill)
+    later = out[~out["event_id"].str.startswith("a-")]
+    assert set(out[out["event_id"].str.startswith("a-")]["model_version"]) == {v1}
+    assert all((canary_bucket(i) < 0.2) == (v == v3) for i, v in zip(later["event_id"], later["model_version"]))
+    share = (later["model_version"] == v3).mean()
+    assert 0.14 < share < 0.26, share
+
+    # the shadow table: every valid event once, the shadow's own predictions, the recorded shadow
+    # for the replayed batch (v2, though the alias said v1 by then), v1 after it
+    shadow = spark.read.format("delta").load(shadow_path).toPandas()
+    assert sorted(shadow["event_id"]) == sorted(events)
+    merged = shadow.merge(out[["event_id", "prediction", "model_version"]], on="event_id", suffixes=("", "_out"))
+    assert (merged["prediction"] == merged["prediction_out"]).all()
+    assert (merged["model_version"] == merged["model_version_out"]).all()
+    for version, rows in shadow.groupby("shadow_model_version"):
+        expected = own_predictions(name, version, events, rows["event_id"])
+        assert list(rows["shadow_prediction"]) == list(expected) and rows["shadow_reason"].isna().all()
+    first_b = int(out[out["event_id"].str.startswith("b-")]["batch_id"].min())
+    per_batch = shadow.groupby("batch_id")["shadow_model_version"].agg(set)
+    assert all(per_batch[b] == {v2} for b in per_batch.index if b <= first_b)
+    assert all(per_batch[b] == {v1} for b in per_batch.index if b > first_b)
+
+    # the per-batch shadow metrics are the shadow table's own comparison
+    client = MlflowClient()
+    for summary in (first, third):
+        agreement = {int(m.step): m.value for m in client.get_metric_history(summary["run_id"], "shadow_agreement")}
+        tvd = client.get_metric_history(summary["run_id"], "shadow_total_variation_distance")
+        assert agreement and len(tvd) == len(agreement)
+        for m in tvd:
+            rows = shadow[shadow["batch_id"] == m.step]
+            assert agreement[int(m.step)] == pytest.approx((rows["prediction"] == rows["shadow_prediction"]).mean())
+            a = rows["prediction"].value_counts(normalize=True)
+            b = rows["shadow_prediction"].value_counts(normalize=True)
+            assert m.value == pytest.approx(0.5 * a.sub(b, fill_value=0.0).abs().sum())

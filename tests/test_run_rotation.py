@@ -45,6 +45,13 @@ def test_a_window_sums_counts_averages_durations_and_keeps_the_last_version(monk
     assert m["rows_per_s"] == pytest.approx(100 / 70) and m["model_version"] == 2
     window.flush()  # nothing since: no step
     assert len(emitted) == 1
+    # a shadow's comparison: the mean weighted by the rows compared, its max the maximum
+    for batch_id, (compared, agreement, worst) in enumerate([(10, 1.0, 0.0), (30, 0.5, 0.8)], start=4):
+        shadow = {"shadow_rows": compared, "shadow_rows_compared": compared, "shadow_agreement": agreement}
+        window.add({**_batch(compared, 1.0, 2), **shadow, "shadow_max_abs_diff": worst}, batch_id)
+    window.flush()
+    m = emitted[-1][0]
+    assert (m["shadow_rows"], m["shadow_agreement"], m["shadow_max_abs_diff"]) == (40, 0.625, 0.8)
     per_batch = MetricsWindow(0, lambda m, step: emitted.append((m, step)))
     per_batch.add(_batch(5, 0.5, 3), 9)
     assert emitted[-1] == (_batch(5, 0.5, 3), 9)  # interval 0: each batch its own step, as logged

@@ -22,6 +22,7 @@ from streamscore.registry_watch.watcher import (
     RegistryWatcher,
     SwapState,
 )
+from streamscore.rollout import RolloutStats, Side
 from streamscore.scoring.udf import ModelHandle
 
 SPEC = object()  # the stream's schema: the watcher only passes it on
@@ -267,3 +268,55 @@ def test_one_poll_at_a_time_and_a_requested_poll_is_due_at_once(parts):
     w.batch_scored(1, 5)
     assert w.swaps[0].swap_latency_s == pytest.approx(5)  # from the webhook's alias time
     assert w.poll() is PollOutcome.NOT_DUE
+
+
+def _canary_batch(version: str, rows: int, errors: int = 0) -> RolloutStats:
+    comparison = {"rows": rows - errors, "kind": "classification", "agreement": 1.0}
+    return RolloutStats(canary=Side(version, rows, errors, 0.001 * rows, comparison, served=rows - errors))
+
+
+def test_a_canary_serves_its_share_goes_on_after_a_restart_and_is_promoted(parts):
+    make, clock, registry, gate, swaps, _ = parts
+    canary = {"canary": {"fraction": 0.25, "promote_after_batches": 3, "promote_after_rows": 30}}
+    w = make(**canary)
+    assert w.model_for_batch(0).version == "1"
+    registry.points_at = "2"
+    assert w.poll(force=True) is PollOutcome.PREPARED
+    plan = w.plan_for_batch(1)
+    assert (plan.served.version, plan.canary and plan.canary.version, plan.fraction) == ("1", "2", 0.25)
+    w.batch_judged(1, _canary_batch("2", 10))
+    assert w.plan_for_batch(2).canary is not None and w.progress and w.progress.batches == 1
+
+    w2 = make(**canary)  # a restart on the same ledger: v1 serves, v2 is the canary again, its figures kept
+    assert w2.canary and w2.canary.version == "2" and w2.progress and (w2.progress.batches, w2.progress.rows) == (1, 10)
+    replay = w2.plan_for_batch(2)  # the ledger's batch: the recorded versions
+    assert (replay.served.version, replay.canary and replay.canary.version) == ("1", "2")
+    w2.batch_judged(2, _canary_batch("2", 10))
+    assert w2.plan_for_batch(3).canary is not None
+    w2.batch_judged(3, _canary_batch("2", 10))  # 3 batches, 30 rows, no breach: promoted
+    plan = w2.plan_for_batch(4)
+    assert (plan.served.version, plan.canary) == ("2", None) and w2.serving.version == "2"
+    assert [(s.to_version, s.first_batch_id) for s in w2.swaps] == [("2", 4)]
+    assert "canary" not in json.loads((w2.ledger.path).read_text().splitlines()[-1])  # type: ignore[union-attr]
+
+
+def test_a_canary_crossing_a_threshold_is_refused_and_a_restart_keeps_it_refused(parts):
+    make, clock, registry, gate, _, refusals = parts
+    settings = {"canary": {"fraction": 0.5}, "rollback": {"min_rows": 20, "max_model_error_rate": 0.1}}
+    w = make(**settings)
+    w.model_for_batch(0)
+    registry.points_at = "2"
+    assert w.poll(force=True) is PollOutcome.PREPARED
+    w.plan_for_batch(1)
+    w.batch_judged(1, _canary_batch("2", 10, errors=5))  # below min_rows: not judged yet
+    assert w.canary is not None
+    w.plan_for_batch(2)
+    w.batch_judged(2, _canary_batch("2", 10, errors=0))  # 5 of 20 failed: 0.25 > 0.1
+    assert w.canary is None and w.serving.version == "1"
+    (rb,) = w.rollbacks
+    assert rb.version == "2" and "5 of the 20 rows" in rb.reason and "max_model_error_rate" in rb.reason
+    assert refusals[-1].version == "2" and w.plan_for_batch(3).canary is None
+    assert w.poll(force=True) is PollOutcome.REFUSED_RECENTLY
+    w2 = make(**settings)
+    assert w2.canary is None and [r.version for r in w2.rollbacks] == ["2"]
+    assert w2.poll(force=True) is PollOutcome.REFUSED_RECENTLY

@@ -171,7 +171,9 @@ def test_shadow_and_canary_hold_across_a_kill_and_a_replay(spark, make_settings,
     # run 1: v1 alone; after it, each event goes by its hash (the same rule before and after the kill)
     later = out[~out["event_id"].str.startswith("a-")]
     assert set(out[out["event_id"].str.startswith("a-")]["model_version"]) == {v1}
-    assert all((canary_bucket(i) < 0.2) == (v == v3) for i, v in zip(later["event_id"], later["model_version"]))
+    assert all(
+        (canary_bucket(i) < 0.2) == (v == v3) for i, v in zip(later["event_id"], later["model_version"], strict=True)
+    )
     share = (later["model_version"] == v3).mean()
     assert 0.14 < share < 0.26, share
 

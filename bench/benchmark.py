@@ -13,15 +13,15 @@ Scenarios (``--only`` picks some):
 
 * ``throughput`` — a backlog of ``--backlog`` events: streamscore with the demo model, with an
   identity model (the pipeline's own ceiling) and with a Spark ML pipeline of the same classifier
-  kind (scored natively), the plain consumer, the compute ceiling; start-up to the first committed
-  row and its phases.
+  kind (scored natively), with the Kafka sink too, with a shadow version too (``watch.shadow_ref``),
+  the plain consumer, the compute ceiling; start-up to the first committed row and its phases.
 * ``latency`` — one stream with a 0.5 s trigger: batches of 3 events (the small-batch floor and
   its phases, from the run's MLflow metrics), then events at fixed rates (freshness: Kafka
   timestamp -> commit of the row, p50/p99).
 * ``swap`` — ``--swaps`` alias moves to freshly registered versions during a loaded stream
   (alias set -> first row committed by the new version), against stopping the stream and
-  restarting it on the same checkpoint with the new version (``--restarts`` times); every
-  added file must hold one version.
+  restarting it on the same checkpoint with the new version (``--restarts`` times), and half as
+  many moves in a stream with a shadow version on; every added file must hold one version.
 * ``backfill`` — ``streamscore backfill`` over a ``--backfill-rows`` Delta table.
 * ``memory`` — driver and Python-worker RSS across ``--memory-swaps`` consecutive versions.
 """
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamscore.bench")
 
 SCENARIOS = ("throughput", "latency", "swap", "backfill", "memory")
+SHADOW_ALIAS = "bench-shadow"  # the version the shadow runs score beside the served one
 
 
 @dataclass
@@ -242,6 +243,9 @@ class Bench:
         ensure_topic(self.kafka, topic)
         return topic
 
+    def shadow_overrides(self, name: str) -> list[str]:
+        return [f"watch.shadow_ref=@{SHADOW_ALIAS}", f"sink.shadow_path={self.out / 'tables' / name / 'shadow'}"]
+
     def stream_overrides(self, name: str, topic: str, model: str | None = None) -> tuple[list[str], Path]:
         d = self.out / "tables" / name
         return [
@@ -267,6 +271,8 @@ class Bench:
                 svc.start()
         configure_mlflow(self.settings)
         self.v1 = train_and_register(self.model, "v1", alias="champion")
+        if "throughput" in self.only or "swap" in self.only:  # the shadow version (watch.shadow_ref)
+            train_and_register(self.model, "v2", alias=SHADOW_ALIAS)
         if "throughput" in self.only and self.sizes.peers:
             train_and_register(
                 self.identity, "v1", alias="champion", estimator=DummyClassifier(strategy="most_frequent")
@@ -301,11 +307,14 @@ class Bench:
         if self.sizes.peers:
             runs += [("streamscore_identity_model", self.identity), ("streamscore_spark_ml", self.sparkml)]
             runs += [("streamscore_kafka_out", self.model)]  # the same job with the Kafka sink too
+            runs += [("streamscore_shadow", self.model)]  # the same job with a shadow version too
         for label, model in runs:
             overrides, table = self.stream_overrides(label, topic, model)
             out_topic = self.topic("scores") if label == "streamscore_kafka_out" else None
             if out_topic is not None:
                 overrides.append(f"sink.kafka.topic={out_topic}")
+            if label == "streamscore_shadow":
+                overrides += self.shadow_overrides(label)
             if self.sizes.batch_events:
                 overrides.append(f"source.kafka.max_offsets_per_trigger={self.sizes.batch_events}")
             job = Job(self, label, ["stream", "--available-now"], overrides)
@@ -332,6 +341,7 @@ class Bench:
             res["ratio_vs_spark_udf_by_hand"] = _r(ours / (res["spark_udf_by_hand"]["rows_per_s"] or 1))
             res["ratio_spark_ml_vs_pyfunc"] = _r((res["streamscore_spark_ml"]["rows_per_s"] or 0) / (ours or 1))
             res["ratio_kafka_out_vs_delta_only"] = _r((res["streamscore_kafka_out"]["rows_per_s"] or 0) / (ours or 1))
+            res["ratio_shadow_vs_none"] = _r((res["streamscore_shadow"]["rows_per_s"] or 0) / (ours or 1))
         return res
 
     def handwritten(self, topic: str, n: int) -> dict[str, Any]:
@@ -492,37 +502,14 @@ class Bench:
         }
 
     def swap(self) -> dict[str, Any]:
-        from streamscore.demo import promote, train_and_register
+        from streamscore.demo import train_and_register
 
         n = self.sizes.swaps
-        variants = ["v2" if i % 2 == 0 else "v1" for i in range(n + self.sizes.restarts)]
+        shadowed = max(1, n // 2)
+        variants = ["v2" if i % 2 == 0 else "v1" for i in range(n + self.sizes.restarts + shadowed)]
         versions = [train_and_register(self.model, v, alias=None) for v in variants]
-        topic = self.topic("swap")
-        overrides, table = self.stream_overrides("swap", topic)
-        producer = Producer(self.kafka, topic, 1000)
-        producer.start()
-        job = Job(self, "swap", ["stream"], overrides)
-        hot: list[float] = []
-        restarts: list[float] = []
-        try:
-            wait_for(lambda: delta_commits(table), 300, "the first commit", job)
-            for v in versions[:n]:  # the running stream swaps
-                at = promote(self.model, v)
-                seen = wait_for(partial(_first_commit_with, table, v, at), 300, f"version {v}", job)
-                hot.append(seen - at)
-            for i, v in enumerate(versions[n:]):  # stop, then restart on the checkpoint with the version
-                at = time.time()
-                job.stop()
-                job.summary()
-                promote(self.model, v)
-                job = Job(self, f"swap-restart-{i}", ["stream"], [*overrides, f"model.ref={v}"])
-                seen = wait_for(partial(_first_commit_with, table, v, at), 300, f"version {v}", job)
-                restarts.append(seen - at)
-        finally:
-            producer.halt.set()
-            job.stop()
-            job.summary()
-        mixed = [f["path"] for c in delta_commits(table) for f in c.files if len(set(f["model_version"])) != 1]
+        hot, restarts, mixed = self.hot_swaps("swap", versions[:n], versions[n : n + self.sizes.restarts])
+        with_shadow, _, mixed_shadowed = self.hot_swaps("swap_shadow", versions[n + self.sizes.restarts :], [], True)
         return {
             "moves": n,
             "hot_swap_s": {"p50": _r(pct(hot, 50)), "p95": _r(pct(hot, 95)), "max": _r(max(hot) if hot else None)},
@@ -532,9 +519,54 @@ class Bench:
                 "max": _r(max(restarts) if restarts else None),
             },
             "restart_over_hot_swap_p50": _r((pct(restarts, 50) or 0) / (pct(hot, 50) or 1)),
-            "files_mixing_versions": len(mixed),
+            "hot_swap_with_shadow_s": {
+                "moves": len(with_shadow),
+                "p50": _r(pct(with_shadow, 50)),
+                "max": _r(max(with_shadow) if with_shadow else None),
+            },
+            "files_mixing_versions": mixed + mixed_shadowed,
             "poll_interval_s": self.settings.watch.poll_interval_s,
         }
+
+    def hot_swaps(
+        self, name: str, hot_versions: list[str], restart_versions: list[str], shadow: bool = False
+    ) -> tuple[list[float], list[float], int]:
+        """A loaded stream (1,000 events/s) whose alias moves to each of ``hot_versions``, then is
+        stopped and restarted on each of ``restart_versions``: seconds from each move to the first
+        commit of a row by the version, and the data files that mix versions."""
+        from streamscore.demo import promote
+
+        topic = self.topic(name)
+        overrides, table = self.stream_overrides(name, topic)
+        if shadow:
+            overrides += self.shadow_overrides(name)
+        producer = Producer(self.kafka, topic, 1000)
+        producer.start()
+        job = Job(self, name, ["stream"], overrides)
+        hot: list[float] = []
+        restarts: list[float] = []
+        try:
+            wait_for(lambda: delta_commits(table), 300, "the first commit", job)
+            for v in hot_versions:  # the running stream swaps
+                at = promote(self.model, v)
+                seen = wait_for(partial(_first_commit_with, table, v, at), 300, f"version {v}", job)
+                hot.append(seen - at)
+            for i, v in enumerate(restart_versions):  # stop, then restart on the checkpoint with the version
+                at = time.time()
+                job.stop()
+                job.summary()
+                promote(self.model, v)
+                job = Job(self, f"{name}-restart-{i}", ["stream"], [*overrides, f"model.ref={v}"])
+                seen = wait_for(partial(_first_commit_with, table, v, at), 300, f"version {v}", job)
+                restarts.append(seen - at)
+        finally:
+            producer.halt.set()
+            job.stop()
+            job.summary()
+        mixed = [f["path"] for c in delta_commits(table) for f in c.files if len(set(f["model_version"])) != 1]
+        if shadow:  # the shadow wrote beside the stream
+            assert sum(c.rows for c in delta_commits(table.parent / "shadow")) > 0, f"{name}: no shadow rows"
+        return hot, restarts, len(mixed)
 
     def backfill(self, spark: SparkSession) -> dict[str, Any]:
         from pyspark.sql import functions as F
@@ -720,6 +752,11 @@ def markdown(results: dict[str, Any], machine: str) -> str:
                     _n(t["streamscore_kafka_out"]["rows_per_s"], " rows/s"),
                     f"{t['ratio_kafka_out_vs_delta_only']}x Kafka -> Delta alone",
                 ),
+                (
+                    "Kafka -> Delta with a shadow version (watch.shadow_ref), demo model",
+                    _n(t["streamscore_shadow"]["rows_per_s"], " rows/s"),
+                    f"{t['ratio_shadow_vs_none']}x without a shadow",
+                ),
             ]
         rows += [
             ("plain single-process consumer", _n(t["plain_consumer"]["rows_per_s"], " rows/s"), ""),
@@ -758,6 +795,14 @@ def markdown(results: dict[str, Any], machine: str) -> str:
                 f"p50 {sw['hot_swap_s']['p50']} s, p95 {sw['hot_swap_s']['p95']} s, max {sw['hot_swap_s']['max']} s",
                 f"stop + restart: p50 {sw['restart_s']['p50']} s ({sw['restart_over_hot_swap_p50']}x); "
                 f"files mixing versions: {sw['files_mixing_versions']}",
+            )
+        )
+        ws = sw["hot_swap_with_shadow_s"]
+        rows.append(
+            (
+                f"the same with a shadow version on ({ws['moves']} moves)",
+                f"p50 {ws['p50']} s, max {ws['max']} s",
+                "",
             )
         )
     bf = results.get("backfill")

@@ -101,6 +101,8 @@ def _run(args: argparse.Namespace) -> Summary:
         "ratio_vs_identity_model": t.get("ratio_vs_identity_model"),
         "start_to_first_commit_s": (t.get("streamscore") or {}).get("start_to_first_commit_s"),
         "hot_swap_p50_s": (sw.get("hot_swap_s") or {}).get("p50"),
+        "hot_swap_with_shadow_p50_s": (sw.get("hot_swap_with_shadow_s") or {}).get("p50"),
+        "ratio_shadow_vs_none": t.get("ratio_shadow_vs_none"),
         "restart_over_hot_swap_p50": sw.get("restart_over_hot_swap_p50"),
         "backfill_rows_per_s": bf.get("rows_per_s_after_startup"),
     }

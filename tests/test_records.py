@@ -276,3 +276,57 @@ def test_the_worker_daemon_drops_only_archives_whose_python_is_installed(tmp_pat
     site = str(Path(pyspark.__file__).parent.parent)
     path = [same, other, unknown, jar, python_jar, site]
     assert prefer_installed_copies(path) == [other, unknown, python_jar, site]
+
+
+class _Doubles:
+    """x * factor; fails (raises) on any frame holding a row with x == fail_on; sleeps per call."""
+
+    def __init__(self, factor, fail_on=None, sleep=0.0):
+        self.factor, self.fail_on, self.sleep = factor, fail_on, sleep
+
+    def predict(self, frame):
+        import time
+
+        time.sleep(self.sleep)
+        if self.fail_on is not None and (frame["x"] == self.fail_on).any():
+            raise ValueError("cannot score it")
+        return frame["x"].to_numpy() * self.factor
+
+
+def test_one_pass_serves_the_canary_its_share_falls_back_on_its_failures_and_keeps_the_shadow_apart():
+    from streamscore.scoring import plan as P
+
+    spec = InputSpec("event_id", "event_time", (Field("x", "double"),), "double")
+    ids = [f"e{i}" for i in range(400)]
+    values = pd.Series(
+        [orjson.dumps({"event_id": e, "event_time": 1000 + i, "x": float(i % 50)}).decode() for i, e in enumerate(ids)]
+        + ["{broken"]
+    )
+    loaded = P.LoadedPlan((_Doubles(2), spec, "v1"), (_Doubles(3, fail_on=7.0), spec, "v2"), 0.3, None, 1.0)
+    loaded.shadow = (_Doubles(5, fail_on=9.0), spec, "v3")
+    out = P.score_plan_chunk(values, spec, loaded)
+    x = out["x"].to_numpy()
+    in_share = np.array([P.canary_bucket(e) < 0.3 for e in ids] + [False])
+    failed = in_share & (x == 7.0)
+    assert (out[P.CANARY].to_numpy() == in_share).all() and 80 < in_share.sum() < 160
+    by_canary = out[P.BY_CANARY].to_numpy()
+    assert (by_canary == (in_share & ~failed)).all()  # its failures are served by v1 ...
+    assert out[P.CANARY_ERROR].notna().to_numpy().tolist() == failed.tolist()  # ... and counted as its own
+    ok = out["ok"].to_numpy()
+    assert ok[:-1].all() and not ok[-1]  # only the broken payload is dead-lettered
+    served = out["prediction"].to_numpy()
+    assert np.array_equal(served[by_canary], x[by_canary] * 3)
+    assert np.array_equal(served[ok & ~by_canary], x[ok & ~by_canary] * 2)
+    assert np.array_equal(out[P.CANARY_BASE].to_numpy()[ok], x[ok] * 2)  # v1's own, for the comparison
+    # the shadow: its own values, its failures on its own rows only, nothing of it served
+    shadow_failed = ok & (x == 9.0)
+    assert out[P.SHADOW_REASON].notna().to_numpy().tolist() == shadow_failed.tolist()
+    good = ok & ~shadow_failed
+    assert np.array_equal(out[P.SHADOW_PREFIX + "prediction"].to_numpy()[good], x[good] * 5)
+    # a shadow slower than its budget per row skips the task's later chunks, saying why
+    slow = P.LoadedPlan((_Doubles(2), spec, "v1"), None, 0.0, (_Doubles(5, sleep=0.05), spec, "v3"), 1e-5)
+    first = P.score_plan_chunk(values, spec, slow)
+    assert first[P.SHADOW_REASON].isna().all() and slow.shadow_skip is not None
+    second = P.score_plan_chunk(values, spec, slow)
+    assert second[P.SHADOW_REASON][second["ok"]].str.startswith("shadow skipped").all()
+    assert np.array_equal(second["prediction"].to_numpy()[ok], x[ok] * 2)

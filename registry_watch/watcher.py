@@ -472,11 +472,11 @@ class RegistryWatcher:
         )
         try:
             result = self.gate.admit(self.ref, self.spec, resolved=mv)
-            if self.canary_settings.fraction > 0 and "pyfunc" not in (result.handle.flavor, self.serving.flavor):
+            if self.canary_settings.fraction > 0 and {result.handle.flavor, self.serving.flavor} != {"pyfunc"}:
                 raise GateRefused(
                     version,
-                    "it is a Spark ML model, and a canary needs a pyfunc version: set "
-                    "watch.canary.fraction: 0 to swap Spark ML versions whole",
+                    "a canary needs pyfunc versions and this candidate or the serving version is a Spark ML "
+                    "model (one pass scores pyfunc versions only): set watch.canary.fraction: 0 to swap it whole",
                 )
         except GateRefused as e:
             self._refuse(version, e)
@@ -563,6 +563,13 @@ class RegistryWatcher:
             if self._pending_shadow is not None:
                 self.shadow, self._pending_shadow = self._pending_shadow, None
                 log.info("shadow: %s from batch %d", self.shadow.label, batch_id)
+            if self.shadow is not None and self.serving.flavor != "pyfunc":  # swapped to a Spark ML version
+                self.shadow_problem = (
+                    f"the shadow {self.shadow.label} stops: the serving {self.serving.label} is a Spark ML model "
+                    "(one pass scores pyfunc versions only)"
+                )
+                log.warning("%s", self.shadow_problem)
+                self.shadow = None
             plan = ScoringPlan(
                 self.serving,
                 self.canary,

@@ -64,8 +64,8 @@ class Registry:
         return self.alias_moved_at
 
 
-def handle(version: str) -> ModelHandle:
-    return ModelHandle("m", version, f"run-{version}", f"/models/v{version}", f"v{version}")
+def handle(version: str, flavor: str = "pyfunc") -> ModelHandle:
+    return ModelHandle("m", version, f"run-{version}", f"/models/v{version}", f"v{version}", flavor)
 
 
 @dataclass
@@ -77,6 +77,7 @@ class Gate:
     admitted: list[str] = field(default_factory=list)
     replayed: list[str] = field(default_factory=list)
     hold: threading.Event | None = None  # set: admit waits for it
+    spark: set[str] = field(default_factory=set)  # versions that are Spark ML models
     entered: threading.Event = field(default_factory=threading.Event)
 
     def admit(self, ref: ModelRef, stream_spec: object, resolved: Version | None = None) -> GateResult:
@@ -89,7 +90,7 @@ class Gate:
         if version in self.fail:
             raise self.fail[version]
         self.admitted.append(version)
-        return GateResult(handle(version), SPEC, 3, 0.25)  # type: ignore[arg-type]
+        return GateResult(handle(version, "spark" if version in self.spark else "pyfunc"), SPEC, 3, 0.25)  # type: ignore[arg-type]
 
     def handle_for(self, name: str, version: str, run_id: str, stream_spec: object) -> ModelHandle:
         self.replayed.append(version)
@@ -320,3 +321,12 @@ def test_a_canary_crossing_a_threshold_is_refused_and_a_restart_keeps_it_refused
     w2 = make(**settings)
     assert w2.canary is None and [r.version for r in w2.rollbacks] == ["2"]
     assert w2.poll(force=True) is PollOutcome.REFUSED_RECENTLY
+
+
+def test_a_spark_ml_candidate_is_refused_as_a_canary_naming_the_setting(parts):
+    make, clock, registry, gate, _, refusals = parts
+    w = make(canary={"fraction": 0.1})
+    w.model_for_batch(0)
+    registry.points_at, gate.spark = "2", {"2"}
+    assert w.poll(force=True) is PollOutcome.REFUSED
+    assert "watch.canary.fraction: 0" in refusals[-1].reason and w.plan_for_batch(1).canary is None

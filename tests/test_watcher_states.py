@@ -54,11 +54,12 @@ class Registry:
     points_at: str = "1"
     error: Exception | None = None
     alias_moved_at: float | None = None
+    others: dict[str, str] = field(default_factory=dict)  # other aliases (a shadow's) -> version
 
     def resolve(self, ref: ModelRef) -> Version:
         if self.error is not None:
             raise self.error
-        return Version(self.model_name, self.points_at)
+        return Version(self.model_name, self.others.get(ref.value, self.points_at))
 
     def alias_set_at(self, alias: str) -> float | None:
         return self.alias_moved_at
@@ -330,3 +331,20 @@ def test_a_spark_ml_candidate_is_refused_as_a_canary_naming_the_setting(parts):
     registry.points_at, gate.spark = "2", {"2"}
     assert w.poll(force=True) is PollOutcome.REFUSED
     assert "watch.canary.fraction: 0" in refusals[-1].reason and w.plan_for_batch(1).canary is None
+
+
+def test_a_shadow_starts_with_the_stream_swaps_when_its_alias_moves_and_is_in_the_ledger(parts, tmp_path):
+    make, clock, registry, gate, _, _ = parts
+    registry.others["challenger"] = "5"
+    w = make(shadow_ref="@challenger")
+    plan = w.plan_for_batch(0)
+    assert plan.served.version == "1" and plan.shadow and plan.shadow.version == "5"
+    registry.others["challenger"] = "6"
+    assert w.poll(force=True) is PollOutcome.UNCHANGED  # the served alias did not move; the shadow's did
+    assert w.plan_for_batch(1).shadow.version == "6"  # type: ignore[union-attr]
+    lines = [json.loads(x) for x in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert [line["shadow"]["version"] for line in lines] == ["5", "6"]
+    registry.others["challenger"] = "7"
+    gate.refuse["7"] = "does not fit"
+    w.poll(force=True)  # refused: the shadow it has goes on, the problem is said
+    assert w.plan_for_batch(2).shadow.version == "6" and "does not fit" in (w.shadow_problem or "")  # type: ignore[union-attr]

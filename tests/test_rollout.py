@@ -117,16 +117,6 @@ def test_the_canary_bucket_is_the_documented_sql_expression(spark):
     assert all(abs(b - canary_bucket(i)) < 1e-12 for i, b in zip(sql["event_id"], sql["b"], strict=True))
 
 
-def _run(command: list[str], log) -> dict:
-    import json
-    import subprocess
-
-    with open(log, "w") as out:
-        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=out, text=True, timeout=600)
-    assert done.returncode == 0, log.read_text()[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.heavy
 def test_shadow_and_canary_hold_across_a_kill_and_a_replay(spark, make_settings, tmp_path, home):
     """Run 1 serves v1 with v2 as its shadow. Then champion -> v3: run 2 starts v3 as a 0.2 canary
@@ -135,25 +125,29 @@ def test_shadow_and_canary_hold_across_a_kill_and_a_replay(spark, make_settings,
     on with shadow v1."""
     from sklearn.linear_model import LogisticRegression
 
+    from streamscore.streaming import run_stream
     from tests.helpers import run_until_failpoint, stream_command
 
-    s = make_settings()
-    name, k = s.model.name, s.source.kafka
     shadow_path = str(tmp_path / "shadow")
+    s = make_settings(  # runs 1 and 3 in this process (its Spark session), run 2 in a process of its own
+        watch={"shadow_ref": "@challenger", "canary": {"fraction": 0.2, "promote_after_batches": 1000}},
+        sink={"shadow_path": shadow_path},
+        source={"kafka": {"max_offsets_per_trigger": 150}},
+        trigger={"available_now": True},
+    )
+    name, k = s.model.name, s.source.kafka
     rollout = {
         "watch__shadow_ref": "@challenger",
         "watch__canary__fraction": "0.2",
         "watch__canary__promote_after_batches": "1000",
         "sink__shadow_path": shadow_path,
         "source__kafka__max_offsets_per_trigger": "150",
-        "trigger__processing_time": "0.5 seconds",
     }
-    command = stream_command(s, home, "--available-now", **rollout)
     v1 = train_and_register(name, "v1", alias="champion")
     v2 = train_and_register(name, "v2", alias="challenger")
     ensure_topic(k.bootstrap_servers, k.topic)
     events = send(k.bootstrap_servers, k.topic, "a", 300)
-    first = _run(command, tmp_path / "run1.log")
+    first = run_stream(s)
     assert first["rows_by_version"] == {v1: 300} and first["shadow_version"] == v2
 
     v3 = train_and_register(name, "v3", alias="champion", estimator=LogisticRegression(C=0.05, max_iter=500))
@@ -161,7 +155,7 @@ def test_shadow_and_canary_hold_across_a_kill_and_a_replay(spark, make_settings,
     run_until_failpoint(stream_command(s, home, **rollout), tmp_path / "run2.log", "after-ledger-write@1")
     promote(name, v1, "challenger")
     events |= send(k.bootstrap_servers, k.topic, "c", 300)
-    third = _run(command, tmp_path / "run3.log")
+    third = run_stream(s)
     assert third["shadow_version"] == v1 and third["canary"]["version"] == v3 and third["model_version"] == v1
 
     out = spark.read.format("delta").load(str(s.output_table)).toPandas()

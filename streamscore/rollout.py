@@ -46,9 +46,10 @@ class Side:
             out["canary_rows_served"] = float(self.served)
         if self.version.isdigit():
             out[f"{prefix}_version"] = float(self.version)
-        for k, v in self.comparison.items():
-            if isinstance(v, (int, float)) and k != "rows":
-                out[f"{prefix}_{k}"] = float(v)
+        if self.comparison.get("rows"):  # a batch with no row to compare says nothing of agreement
+            for k, v in self.comparison.items():
+                if isinstance(v, (int, float)) and k != "rows":
+                    out[f"{prefix}_{k}"] = float(v)
         return out
 
 

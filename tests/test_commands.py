@@ -82,7 +82,7 @@ def test_bench_smoke_runs_every_scenario_on_the_real_services(services, tracking
     assert t["backlog_events"] == 3000 and t["streamscore"]["rows_per_s"] > 0 and t["plain_consumer"]["rows_per_s"] > 0
     assert set(t["streamscore"]["startup_phases_s"]) >= {"preflight", "spark", "model", "run", "query_start"}
     assert results["swap"]["moves"] == 2 and results["swap"]["files_mixing_versions"] == 0
-    assert results["swap"]["restart_s"]["runs"] == 1 and results["swap"]["hot_swap_with_shadow_s"]["moves"] == 1
+    assert results["swap"]["restart_s"]["runs"] == 1 and results["swap"]["hot_swap_with_shadow_s"]["moves"] == 2
     assert results["latency"]["small_batch"]["batches"] >= 1
     assert results["latency"]["freshness"]["200_events_per_s"]["rows"] == 800
     assert results["backfill"]["rows"] == 3000

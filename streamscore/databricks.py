@@ -195,11 +195,14 @@ def job_locations(settings: Settings, command: str, job_args: list[str] | tuple[
     """Where the job will write (tables by name or path, the stream's checkpoint), as the job's
     own settings resolve them: what ``submit --dry-run`` shows before anything is sent."""
     if command == "stream":
-        return {
+        out = {
             "output_table": str(settings.output_table),
             "dead_letter_table": str(settings.dead_letter_table),
             "checkpoint": settings.checkpoint_path,
         }
+        if settings.watch.shadow_ref is not None:
+            out["shadow_table"] = str(settings.shadow_table)
+        return out
     from streamscore.jobs.backfill import build_parser, request_from_args
 
     request = request_from_args(build_parser(None).parse_args(list(job_args)))

@@ -281,4 +281,8 @@ def test_the_databricks_profile_uses_unity_catalog_names_and_a_volume(capsys, tm
     }
     params = _printed(out)["requests"][0]["body"]["tasks"][0]["python_wheel_task"]["parameters"]
     assert params[params.index("--set") + 1] == "databricks.schema_name=fraud_prod"  # the job writes there too
+    _, shadowed, _ = _submit(  # a shadow's table is in the same schema, and said before anything is sent
+        capsys, "stream", "--dry-run", "--wheel", str(wheel), "--set", "watch.shadow_ref=@challenger"
+    )
+    assert shadowed["locations"]["shadow_table"] == "main.streamscore.shadow"
     assert summary["wheel"].startswith("/Volumes/main/fraud_prod/streamscore/wheels/")

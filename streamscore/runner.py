@@ -187,11 +187,13 @@ class BatchProcessor:
                 **{k: round(v, 3) for k, v in phases.items()},
             }
         )
+        side = f" (of them {canary.served} by canary {canary.version})" if canary is not None else ""
         log.info(
-            "batch %d: %d in, %d scored, %d dead-lettered by version %s in %.2fs (%s)",
+            "batch %d: %d in, %d scored%s, %d dead-lettered by version %s in %.2fs (%s)",
             batch_id,
             o.rows_in,
             o.rows_scored,
+            side,
             o.rows_dead_lettered,
             version,
             seconds,

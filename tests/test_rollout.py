@@ -121,8 +121,8 @@ def test_the_canary_bucket_is_the_documented_sql_expression(spark):
 def test_shadow_and_canary_hold_across_a_kill_and_a_replay(spark, make_settings, tmp_path, home):
     """Run 1 serves v1 with v2 as its shadow. Then champion -> v3: run 2 starts v3 as a 0.2 canary
     and is killed (-9) once its first batch is in the ledger; the shadow alias moves to v1 before
-    run 3, which replays that batch with the recorded versions (v1, canary v3, shadow v2) and goes
-    on with shadow v1."""
+    run 3, which replays that batch with the recorded versions (v1, canary v3, shadow v2), goes on
+    with shadow v1 and the canary's recorded figures, and promotes v3 after its third batch."""
     from sklearn.linear_model import LogisticRegression
 
     from streamscore.streaming import run_stream
@@ -130,7 +130,10 @@ def test_shadow_and_canary_hold_across_a_kill_and_a_replay(spark, make_settings,
 
     shadow_path = str(tmp_path / "shadow")
     s = make_settings(  # runs 1 and 3 in this process (its Spark session), run 2 in a process of its own
-        watch={"shadow_ref": "@challenger", "canary": {"fraction": 0.2, "promote_after_batches": 1000}},
+        watch={
+            "shadow_ref": "@challenger",
+            "canary": {"fraction": 0.2, "promote_after_batches": 3, "promote_after_rows": 0},
+        },
         sink={"shadow_path": shadow_path},
         source={"kafka": {"max_offsets_per_trigger": 150}},
         trigger={"available_now": True},
@@ -139,7 +142,8 @@ def test_shadow_and_canary_hold_across_a_kill_and_a_replay(spark, make_settings,
     rollout = {
         "watch__shadow_ref": "@challenger",
         "watch__canary__fraction": "0.2",
-        "watch__canary__promote_after_batches": "1000",
+        "watch__canary__promote_after_batches": "3",
+        "watch__canary__promote_after_rows": "0",
         "sink__shadow_path": shadow_path,
         "source__kafka__max_offsets_per_trigger": "150",
     }
@@ -156,20 +160,26 @@ def test_shadow_and_canary_hold_across_a_kill_and_a_replay(spark, make_settings,
     promote(name, v1, "challenger")
     events |= send(k.bootstrap_servers, k.topic, "c", 300)
     third = run_stream(s)
-    assert third["shadow_version"] == v1 and third["canary"]["version"] == v3 and third["model_version"] == v1
+    assert third["shadow_version"] == v1 and third["model_version"] == v3 and "canary" not in third
+    (swap,) = third["swaps"]  # the canary promoted: its third batch (the replay counted) was its last
+    assert (swap["from_version"], swap["to_version"]) == (v1, v3)
 
     out = spark.read.format("delta").load(str(s.output_table)).toPandas()
     assert sorted(out["event_id"]) == sorted(events)  # nothing lost, nothing twice
     for version, rows in out.groupby("model_version"):
         assert list(rows["prediction"]) == list(own_predictions(name, version, events, rows["event_id"]))
-    # run 1: v1 alone; after it, each event goes by its hash (the same rule before and after the kill)
-    later = out[~out["event_id"].str.startswith("a-")]
+    # run 1: v1 alone; then each event goes by its hash (the same rule before and after the kill)
+    # until the promotion, and v3 serves all after it
     assert set(out[out["event_id"].str.startswith("a-")]["model_version"]) == {v1}
+    later = out[~out["event_id"].str.startswith("a-")]
+    canary = later[later["batch_id"] < swap["first_batch_id"]]
     assert all(
-        (canary_bucket(i) < 0.2) == (v == v3) for i, v in zip(later["event_id"], later["model_version"], strict=True)
+        (canary_bucket(i) < 0.2) == (v == v3) for i, v in zip(canary["event_id"], canary["model_version"], strict=True)
     )
-    share = (later["model_version"] == v3).mean()
-    assert 0.14 < share < 0.26, share
+    share = (canary["model_version"] == v3).mean()
+    assert len(canary) >= 300 and 0.12 < share < 0.28, share
+    promoted = later[later["batch_id"] >= swap["first_batch_id"]]
+    assert len(promoted) and set(promoted["model_version"]) == {v3}
 
     # the shadow table: every valid event once, the shadow's own predictions, the recorded shadow
     # for the replayed batch (v2, though the alias said v1 by then), v1 after it

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from streamscore.scoring.compare import compared_output
-from streamscore.scoring.records import Parsed, parse, predict
+from streamscore.scoring.records import Parsed, parse, predict, problems, result_frame
 from streamscore.scoring.spec import InputSpec
 
 if TYPE_CHECKING:
@@ -131,28 +131,16 @@ def score_plan_chunk(values: pd.Series, spec: InputSpec, plan: LoadedPlan) -> pd
     parsed = parse(values, spec)
     model, own, label = plan.served
     base = predict(model, parsed, own, label)
-    reasons = [a if a is not None else b for a, b in zip(parsed.reasons, base.reasons, strict=True)]
+    reasons = problems(parsed, base)
     columns = dict(base.columns)
     extra: dict[str, Any] = {}
     if plan.canary is not None:
         extra = _canary(parsed, spec, plan, base.columns, reasons, columns)
-    out = pd.DataFrame(
-        {
-            "ok": np.array([r is None for r in reasons], dtype=bool),
-            "reason": reasons,
-            "event_id": parsed.ids,
-            "event_time": parsed.event_time,
-        }
-    )
-    for f in spec.features:
-        out[f.name] = parsed.features[f.name]
-    for o in spec.output_list:
-        out[o.name] = columns[o.name]
+    if plan.shadow is not None:
+        extra |= _shadow(parsed, spec, plan)
+    out = result_frame(parsed, reasons, spec, columns)
     for k, v in extra.items():
         out[k] = v
-    if plan.shadow is not None:
-        for k, v in _shadow(parsed, spec, plan).items():
-            out[k] = v
     return out
 
 

@@ -209,19 +209,30 @@ def predict(model: Any, parsed: Parsed, spec: InputSpec, label: str, rows: np.nd
     reasons: list[str | None] = [None] * parsed.n
     preds: dict[str, np.ndarray] | None = None
     if len(idx):
-        ok = np.ones(parsed.n, dtype=bool)
-        preds, idx = _predict(model, parsed.features.iloc[idx].reset_index(drop=True), idx, spec, label, reasons, ok)
+        preds, idx = _predict(model, parsed.features.iloc[idx].reset_index(drop=True), idx, spec, label, reasons)
     columns = {
         o.name: _output_column(None if preds is None else preds[o.name], idx, parsed.n, o) for o in spec.output_list
     }
     return Predicted(columns, reasons, idx)
 
 
-def _frame(parsed: Parsed, reasons: list[str | None], spec: InputSpec) -> pd.DataFrame:
+def problems(parsed: Parsed, predicted: Predicted) -> list[str | None]:
+    """Each row's problem: the parse's, else the model's (None: scored)."""
+    return [a if a is not None else b for a, b in zip(parsed.reasons, predicted.reasons, strict=True)]
+
+
+def result_frame(
+    parsed: Parsed, reasons: list[str | None], spec: InputSpec, outputs: dict[str, Any] | None = None
+) -> pd.DataFrame:
+    """A chunk's result: ``ok`` and ``reason`` from ``reasons``, the event, its features and, given
+    ``outputs`` (by name), the model's outputs in ``spec``'s order."""
     ok = np.array([r is None for r in reasons], dtype=bool)
     out = pd.DataFrame({"ok": ok, "reason": reasons, "event_id": parsed.ids, "event_time": parsed.event_time})
     for f in spec.features:
         out[f.name] = parsed.features[f.name]
+    if outputs is not None:
+        for o in spec.output_list:
+            out[o.name] = outputs[o.name]
     return out
 
 
@@ -231,13 +242,9 @@ def score_chunk(values: pd.Series, spec: InputSpec, model: Any, label: str = "th
     parsed and validated only (no output columns): a model applied outside Python scores it."""
     parsed = parse(values, spec)
     if model is None:
-        return _frame(parsed, parsed.reasons, spec)
+        return result_frame(parsed, parsed.reasons, spec)
     p = predict(model, parsed, spec, label)
-    reasons = [a if a is not None else b for a, b in zip(parsed.reasons, p.reasons, strict=True)]
-    out = _frame(parsed, reasons, spec)
-    for o in spec.output_list:
-        out[o.name] = p.columns[o.name]
-    return out
+    return result_frame(parsed, problems(parsed, p), spec, p.columns)
 
 
 def _predict(
@@ -247,11 +254,10 @@ def _predict(
     spec: InputSpec,
     label: str,
     reasons: list[str | None],
-    ok: np.ndarray,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Predict the valid rows; rows the model fails on, or gives no usable value for (in any of its
-    outputs), are marked not ok with the reason. Returns each output's usable values and the rows
-    they belong to."""
+    outputs), get the reason in ``reasons``. Returns each output's usable values and the rows they
+    belong to."""
     outputs = spec.output_list
     raw, problems = _Isolating(model, label, outputs).run(frame)
     checked = {o.name: _check_output(raw[o.name], o, problems, len(outputs) > 1) for o in outputs}
@@ -261,7 +267,6 @@ def _predict(
     for j in np.flatnonzero(failed):
         problem = problems[j] or ""
         reasons[valid_idx[j]] = problem if problem.startswith("model error") else f"model error: {problem} ({label})"
-        ok[valid_idx[j]] = False
     return {k: np.asarray(v)[~failed] for k, v in checked.items()}, valid_idx[~failed]
 
 

@@ -7,6 +7,8 @@ row; :func:`scored_rows` and :func:`dead_letter_rows` project its result onto th
 
 from __future__ import annotations
 
+from typing import Any
+
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
@@ -41,20 +43,14 @@ def score(
     outputs it carries, and the plan's extra columns follow the usual ones."""
     extra: list[str] = []
     if plan is not None and not plan.plain:
-        udf = make_plan_udf(plan, spec)
+        flat = _applied(events, make_plan_udf(plan, spec))
         extra = [f.name for f in extra_fields(spec, plan)]
-        flat = events.select(udf(F.col(schema.VALUE)).alias("r"), schema.VALUE, *COORDINATES)
-        flat = flat.select("r.*", schema.VALUE, *COORDINATES)
     elif handle.flavor == "spark":
         from streamscore.scoring import sparkml
 
-        parsed = events.select(make_parse_udf(spec)(F.col(schema.VALUE)).alias("r"), schema.VALUE, *COORDINATES)
-        parsed = parsed.select("r.*", schema.VALUE, *COORDINATES)
-        flat = sparkml.score_parsed(handle, parsed, spec)
+        flat = sparkml.score_parsed(handle, _applied(events, make_parse_udf(spec)), spec)
     else:
-        udf = make_score_udf(handle, spec)
-        flat = events.select(udf(F.col(schema.VALUE)).alias("r"), schema.VALUE, *COORDINATES)
-        flat = flat.select("r.*", schema.VALUE, *COORDINATES)
+        flat = _applied(events, make_score_udf(handle, spec))
     # the payload as text; bytes that are not UTF-8 become U+FFFD so every reader can read the
     # dead-letter table (the row's reason says the payload was not valid UTF-8)
     raw = F.expr(f"make_valid_utf8(CAST({schema.VALUE} AS STRING))")
@@ -77,6 +73,13 @@ def score(
         *_typed(lineage, schema.LINEAGE),
         *[F.col(n) for n in extra],
     )
+
+
+def _applied(events: DataFrame, udf: Any) -> DataFrame:
+    """``udf`` applied to each event's payload, its struct's fields as columns beside the payload
+    and the source coordinates."""
+    applied = events.select(udf(F.col(schema.VALUE)).alias("r"), schema.VALUE, *COORDINATES)
+    return applied.select("r.*", schema.VALUE, *COORDINATES)
 
 
 def _typed(columns: dict[str, Column], struct: schema.StructType) -> list[Column]:

@@ -301,13 +301,16 @@ class RegistryWatcher:
         last = self.ledger.last() if self.ledger is not None else None
         if ref is None and self.canary_settings.fraction > 0 and last is not None:
             return self._resume(last)
-        result = self.gate.admit(ref or self.ref, None)
+        self._serve(self.gate.admit(ref or self.ref, None), str(ref or self.ref))
+        self._start_shadow()
+        return self.serving
+
+    def _serve(self, result: GateResult, why: str) -> None:
+        """The start version (``why``: how it was chosen)."""
         self.current, self.spec = result.handle, result.spec
         self.start_phases = result.phases
         self._last_poll = self.clock()
-        log.info("serving %s (%s)", self.current.label, ref or self.ref)
-        self._start_shadow()
-        return self.current
+        log.info("serving %s (%s)", result.handle.label, why)
 
     def _resume(self, last: dict[str, Any]) -> ModelHandle:
         for version, r in (last.get("rolled_back") or {}).items():
@@ -316,10 +319,7 @@ class RegistryWatcher:
             self.refusals.append(Refusal(version, reason, at))
             self.rollbacks.append(Rollback(version, str(last["version"]), reason, at, 0, 0))
         result = self.gate.admit(ModelRef("version", str(last["version"])), None)
-        self.current, self.spec = result.handle, result.spec
-        self.start_phases = result.phases
-        self._last_poll = self.clock()
-        log.info("serving %s (the version that served all events last: the batch ledger)", self.current.label)
+        self._serve(result, "the version that served all events last: the batch ledger")
         mv = self._resolve()
         new = not isinstance(mv, PollOutcome) and self._triage(str(mv.version), self.clock()) is None
         if new:
@@ -332,7 +332,7 @@ class RegistryWatcher:
                         self.progress = CanaryProgress.from_dict(previous)
                         log.info("the canary goes on where it was: %s", previous)
         self._start_shadow()
-        return self.current
+        return self.serving
 
     def _start_shadow(self) -> None:
         if self.shadow_ref is None:
@@ -522,11 +522,13 @@ class RegistryWatcher:
         )
 
     def _refuse(self, version: str, e: GateRefused) -> None:
-        at = self.clock()
-        self._refused_at[version] = at
-        refusal = Refusal(version, e.reason, at)
-        self.refusals.append(refusal)
         log.warning("candidate %s", e)
+        self._record_refusal(Refusal(version, e.reason, self.clock()))
+
+    def _record_refusal(self, refusal: Refusal) -> None:
+        """Held against the version for ``retry_refused_after_s``, and reported."""
+        self._refused_at[refusal.version] = refusal.at
+        self.refusals.append(refusal)
         if self.on_refusal:
             self.on_refusal(refusal)
 
@@ -553,13 +555,7 @@ class RegistryWatcher:
                     self._begin_canary(batch_id)
                 else:
                     pending, self._pending = self._pending, None
-                    event = pending.event
-                    event.swapped_at = self.clock()
-                    event.first_batch_id = batch_id
-                    self.current = pending.result.handle
-                    self.swaps.append(event)
-                    self._unscored_swap = event
-                    log.info("swapped %s -> %s at batch %d", event.from_version, event.to_version, batch_id)
+                    self._take_over(pending.result.handle, pending.event, batch_id)
             if self._pending_shadow is not None:
                 self.shadow, self._pending_shadow = self._pending_shadow, None
                 log.info("shadow: %s from batch %d", self.shadow.label, batch_id)
@@ -664,27 +660,25 @@ class RegistryWatcher:
         )
         rollback = Rollback(canary.version, self.serving.version, reason, at, progress.batches, progress.rows)
         self.rollbacks.append(rollback)
-        self._refused_at[canary.version] = at
-        refusal = Refusal(canary.version, reason, at)
-        self.refusals.append(refusal)
         self._end_canary("rolled back")
         log.warning("version %s %s", canary.version, reason)
         if self.on_rollback:
             self.on_rollback(rollback)
-        if self.on_refusal:
-            self.on_refusal(refusal)
+        self._record_refusal(Refusal(canary.version, reason, at))
 
     def _promote(self, canary: ModelHandle, progress: CanaryProgress, batch_id: int) -> None:
         event = self._canary_event or SwapEvent(self.serving.version, canary.version, self.clock(), self.clock())
+        self._end_canary(f"promoted after {progress.batches} batches and {progress.rows} rows without a breach")
+        self._take_over(canary, event, batch_id + 1)
+
+    def _take_over(self, handle: ModelHandle, event: SwapEvent, first_batch_id: int) -> None:
+        """``handle`` serves every event from batch ``first_batch_id`` (under ``_lock``)."""
         event.swapped_at = self.clock()
-        event.first_batch_id = batch_id + 1
-        self.current = canary
+        event.first_batch_id = first_batch_id
+        self.current = handle
         self.swaps.append(event)
         self._unscored_swap = event
-        self._end_canary(f"promoted after {progress.batches} batches and {progress.rows} rows without a breach")
-        log.info(
-            "swapped %s -> %s (the canary, promoted) from batch %d", event.from_version, event.to_version, batch_id + 1
-        )
+        log.info("swapped %s -> %s at batch %d", event.from_version, event.to_version, first_batch_id)
 
     def batch_scored(self, batch_id: int, rows_scored: int) -> None:
         """Called after a batch is written: closes the swap latency of the first batch after a swap."""

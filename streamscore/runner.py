@@ -172,9 +172,10 @@ class BatchProcessor:
         self.batches += 1
         self.totals.update(rows_in=o.rows_in, rows_scored=o.rows_scored, rows_dead_lettered=o.rows_dead_lettered)
         canary = o.rollout.canary if o.rollout is not None else None
+        by_canary = canary.served if canary is not None else 0
         if canary is not None:  # the rows the canary served are its own
-            self.rows_by_version[canary.version] += canary.served
-        self.rows_by_version[version] += o.rows_scored - (canary.served if canary is not None else 0)
+            self.rows_by_version[canary.version] += by_canary
+        self.rows_by_version[version] += o.rows_scored - by_canary
         if o.rows_in:
             self.last_input_at = time.time()
         counts = o.counts()
@@ -187,7 +188,7 @@ class BatchProcessor:
                 **{k: round(v, 3) for k, v in phases.items()},
             }
         )
-        side = f" (of them {canary.served} by canary {canary.version})" if canary is not None else ""
+        side = f" (of them {by_canary} by canary {canary.version})" if canary is not None else ""
         log.info(
             "batch %d: %d in, %d scored%s, %d dead-lettered by version %s in %.2fs (%s)",
             batch_id,

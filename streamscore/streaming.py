@@ -133,17 +133,12 @@ def build_watcher(
         )
         tracker.set_tags({f"streamscore.swap.{swaps_logged}": json.dumps(ev.as_dict(), default=str)})
 
-    def on_refusal(r: Refusal) -> None:
+    def held_against(what: str, r: Refusal | Rollback) -> None:
+        """A version refused or rolled back: metric ``<what>_version``, tag ``streamscore.<what>.v<N>``."""
         if tracker is None:
             return
-        tracker.log_metrics({"refused_version": float(r.version) if r.version.isdigit() else -1.0}, step=int(r.at))
-        tracker.set_tags({f"streamscore.refused.v{r.version}": r.reason[:5000]})
-
-    def on_rollback(r: Rollback) -> None:
-        if tracker is None:
-            return
-        tracker.log_metrics({"rolled_back_version": float(r.version) if r.version.isdigit() else -1.0}, step=int(r.at))
-        tracker.set_tags({f"streamscore.rolled_back.v{r.version}": r.reason[:5000]})
+        tracker.log_metrics({f"{what}_version": float(r.version) if r.version.isdigit() else -1.0}, step=int(r.at))
+        tracker.set_tags({f"streamscore.{what}.v{r.version}": r.reason[:5000]})
 
     return RegistryWatcher(
         MlflowRegistry(client, settings.model.name),
@@ -152,8 +147,8 @@ def build_watcher(
         settings.watch,
         ledger,
         on_swap=on_swap,
-        on_refusal=on_refusal,
-        on_rollback=on_rollback,
+        on_refusal=lambda r: held_against("refused", r),
+        on_rollback=lambda r: held_against("rolled_back", r),
     )
 
 

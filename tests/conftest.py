@@ -325,3 +325,13 @@ def make_settings(services, tracking, home, tmp_path):
         return load_settings("local", overrides=base)
 
     return make
+
+
+@pytest.fixture
+def own_broker(home):
+    """A Kafka broker of the test's own, for a test that stops it (:func:`tests.helpers.private_broker`)."""
+    from tests.helpers import private_broker, unique
+
+    broker = private_broker(home, unique("broker"))
+    yield broker
+    broker.stop()

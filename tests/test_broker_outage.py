@@ -9,16 +9,9 @@ import time
 import pytest
 
 from streamscore.demo import ensure_topic, produce_events, train_and_register
-from tests.helpers import StreamThread, private_broker, wait_for
+from tests.helpers import StreamThread, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def own_broker(home):
-    broker = private_broker(home, "outage-broker")
-    yield broker
-    broker.stop()
 
 
 @pytest.mark.heavy

@@ -16,7 +16,7 @@ import pytest
 from streamscore.demo import FEATURES, ensure_topic, produce_events, train_and_register
 from streamscore.scoring.transform import HEADER_KIND, HEADER_MESSAGE_ID, HEADER_MODEL_NAME, HEADER_MODEL_VERSION
 from streamscore.streaming import run_stream
-from tests.helpers import private_broker, read_topic, run_until_failpoint, stream_command, unique
+from tests.helpers import read_topic, run_until_failpoint, stream_command, unique
 
 pytestmark = pytest.mark.integration
 
@@ -197,15 +197,8 @@ def test_a_message_larger_than_the_topic_takes_fails_the_batch_naming_the_fix(sp
     assert read_topic(k.bootstrap_servers, small) == []
 
 
-@pytest.fixture
-def output_broker(home):
-    broker = private_broker(home, "output-broker")
-    yield broker
-    broker.stop()
-
-
 @pytest.mark.heavy
-def test_an_outage_of_the_output_broker_is_ridden_out(spark, make_settings, output_broker):
+def test_an_outage_of_the_output_broker_is_ridden_out(spark, make_settings, own_broker):
     """The output topic's broker (a broker of the test's own) stops for 20 s while events keep
     coming: the batch in flight waits for it (the producer retries), and afterwards every valid
     event is on the topic, the topic deduplicated by id being the table."""
@@ -216,7 +209,7 @@ def test_an_outage_of_the_output_broker_is_ridden_out(spark, make_settings, outp
     s = make_settings()
     out = unique("scored-out")
     ensure_topic(s.source.kafka.bootstrap_servers, s.source.kafka.topic)
-    ensure_topic(output_broker.address, out)
+    ensure_topic(own_broker.address, out)
     s = make_settings(
         s.model.name,
         source={"kafka": {"topic": s.source.kafka.topic}},
@@ -224,7 +217,7 @@ def test_an_outage_of_the_output_broker_is_ridden_out(spark, make_settings, outp
             "output_path": s.output_path,
             "dead_letter_path": s.dead_letter_path,
             "checkpoint_path": s.checkpoint_path,
-            "kafka": {"topic": out, "bootstrap_servers": output_broker.address},
+            "kafka": {"topic": out, "bootstrap_servers": own_broker.address},
         },
     )
     train_and_register(s.model.name, "v1", alias="champion")
@@ -233,15 +226,15 @@ def test_an_outage_of_the_output_broker_is_ridden_out(spark, make_settings, outp
     try:
         before = produce_events(k.bootstrap_servers, k.topic, 300, malformed_every=30, prefix="before")
         wait_for(lambda: stream.processor.totals["rows_in"] >= 300, what="events before the outage")
-        output_broker.stop()
+        own_broker.stop()
         after = produce_events(k.bootstrap_servers, k.topic, 300, malformed_every=30, prefix="after", start=300)
         time.sleep(20)
-        output_broker.start(timeout=180)
+        own_broker.start(timeout=180)
         wait_for(lambda: stream.processor.totals["rows_in"] >= 600, timeout=300, what="events after the outage")
     finally:
         summary = stream.stop()
     assert summary["status"] == "FINISHED"
-    msgs = _messages(read_topic(output_broker.address, out))
+    msgs = _messages(read_topic(own_broker.address, out))
     table = _identities(spark, s.output_path)
     valid = set(before.valid_ids) | set(after.valid_ids)
     assert set(msgs["event_id"]) == valid == set(table["event_id"]) and len(table) == len(valid)
